@@ -1,0 +1,200 @@
+//! The engine: one event in, the segment changes it causes out. Pure — no I/O, no clock,
+//! no tokio — so `run`, `replay`, the tests and the benches all drive the same code.
+//!
+//! Per event: find (or create) the customer, drop it if its id was seen recently, apply
+//! its built-in meaning, feed the rule slots its type feeds, then re-evaluate only the
+//! segments its type can affect (the plans of [`RuleSet`]), in dependency order so that
+//! `in_segment` sees this event's changes. Evaluation time is the event's time, or the
+//! customer's latest event time if this one arrived late, so a customer's changes never go
+//! back in time and the answer does not depend on partitioning.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use crate::emit::change::{Cause, SegmentChange, Transition};
+use crate::event::Event;
+use crate::rules::RuleSet;
+use crate::rules::eval::{Scope, eval, feed_slot, passes};
+use crate::state::customer::Membership;
+use crate::state::slots::SlotState;
+use crate::state::{CustomerState, CustomerStore};
+use crate::time::Millis;
+
+/// What became of one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied; its changes (possibly none) were appended.
+    Applied,
+    /// Its id was applied before: nothing changed.
+    Duplicate,
+}
+
+/// Applies events to customer state and evaluates the rules.
+#[derive(Clone)]
+pub struct Engine {
+    rules: Arc<RuleSet>,
+    store: CustomerStore,
+    session_gap: Millis,
+    /// Members per segment, kept as changes happen so `/segments` and the
+    /// `segmentd_segment_members` gauge never scan the store.
+    members: Arc<[AtomicI64]>,
+}
+
+impl Engine {
+    /// An engine over `store` with `rules`; `session_gap` is the inactivity that starts a
+    /// new session.
+    pub fn new(rules: Arc<RuleSet>, store: CustomerStore, session_gap: Millis) -> Self {
+        let members = rules.segments.iter().map(|_| AtomicI64::new(0)).collect();
+        Engine {
+            rules,
+            store,
+            session_gap,
+            members,
+        }
+    }
+
+    /// The loaded rules.
+    pub fn rules(&self) -> &Arc<RuleSet> {
+        &self.rules
+    }
+
+    /// The customer store.
+    pub fn store(&self) -> &CustomerStore {
+        &self.store
+    }
+
+    /// Current member count of each segment, in segment order.
+    pub fn member_counts(&self) -> Vec<i64> {
+        self.members
+            .iter()
+            .map(|m| m.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Applies one event, appending the segment changes it causes to `out` in order.
+    pub fn apply(&self, event: &Event, out: &mut Vec<SegmentChange>) -> Outcome {
+        let rules = &*self.rules;
+        let type_id = rules.types.id_of(&event.event_type);
+        let mut entry = match self.store.get_mut(&*event.customer_id) {
+            Some(entry) => entry,
+            None => self.store.entry(event.customer_id.clone()).or_default(),
+        };
+        let state = entry.value_mut();
+        if state.check_and_remember(event.dedup_key) {
+            return Outcome::Duplicate;
+        }
+        let now = if state.customer.events == 0 {
+            event.ts
+        } else {
+            event.ts.max(state.customer.last_seen)
+        };
+        state.apply_builtin(event, self.session_gap);
+        if state.slots.len() < rules.slots.len() {
+            state.slots.resize(rules.slots.len(), SlotState::Empty);
+        }
+        for &index in &rules.slot_plan[usize::from(type_id)] {
+            let spec = &rules.slots[usize::from(index)];
+            if spec.event_type == type_id && !passes(spec.filter.as_ref(), event, &rules.slots) {
+                continue;
+            }
+            feed_slot(
+                spec,
+                type_id,
+                &mut state.slots[usize::from(index)],
+                event,
+                now,
+            );
+        }
+        let cause = Cause::Event {
+            event_id: event.event_id.clone(),
+            event_type: event.event_type.clone(),
+        };
+        self.evaluate(
+            &event.customer_id,
+            state,
+            &rules.eval_plan[usize::from(type_id)],
+            now,
+            &cause,
+            out,
+        );
+        Outcome::Applied
+    }
+
+    /// Re-evaluates `plan`'s segments for one customer at `now`, recording each change.
+    fn evaluate(
+        &self,
+        customer_id: &str,
+        state: &mut CustomerState,
+        plan: &[u16],
+        now: Millis,
+        cause: &Cause,
+        out: &mut Vec<SegmentChange>,
+    ) {
+        let rules = &*self.rules;
+        for &index in plan {
+            let segment = &rules.segments[usize::from(index)];
+            let member = state.is_member(index);
+            let scope = Scope::Customer { state, now };
+            let (changes, rule) = match (member, &segment.exit) {
+                (false, _) => (
+                    eval(&segment.enter.node, scope, &rules.slots).is_true(),
+                    &segment.enter,
+                ),
+                (true, Some(exit)) => (eval(&exit.node, scope, &rules.slots).is_true(), exit),
+                (true, None) => (
+                    !eval(&segment.enter.node, scope, &rules.slots).is_true(),
+                    &segment.enter,
+                ),
+            };
+            if !changes {
+                continue;
+            }
+            let facts = rule
+                .facts
+                .iter()
+                .map(|fact| {
+                    (
+                        fact.label.clone(),
+                        eval(&fact.node, scope, &rules.slots).to_json(),
+                    )
+                })
+                .collect();
+            let transition = if member {
+                state.segments.retain(|m| m.segment != index);
+                self.members[usize::from(index)].fetch_sub(1, Ordering::Relaxed);
+                Transition::Exited
+            } else {
+                state.segments.push(Membership {
+                    segment: index,
+                    entered_at: now,
+                });
+                self.members[usize::from(index)].fetch_add(1, Ordering::Relaxed);
+                Transition::Entered
+            };
+            state.seq += 1;
+            out.push(SegmentChange {
+                customer_id: customer_id.into(),
+                segment: segment.id.clone(),
+                transition,
+                at: now,
+                cause: cause.clone(),
+                seq: state.seq,
+                segments: self.segment_ids(state),
+                facts,
+                cart: state.cart.lines_json(),
+                rules_version: rules.version.clone(),
+            });
+        }
+    }
+
+    /// The ids of the segments a customer is in, sorted.
+    pub fn segment_ids(&self, state: &CustomerState) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = state
+            .segments
+            .iter()
+            .map(|m| self.rules.segments[usize::from(m.segment)].id.clone())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}

@@ -1,0 +1,463 @@
+//! Input formats → one typed [`Event`].
+//!
+//! Two JSON formats arrive on the same topics and are told apart per message
+//! ([`parse_event`]): segmentd's native format ([`native`]) and the Segment/RudderStack
+//! spec ([`segment_spec`]). Both become the same [`Event`], so nothing downstream knows
+//! which format a customer's events came in.
+//!
+//! Bad input is a value, not a panic: [`InvalidEvent`] carries a [`InvalidReason`] (a
+//! bounded label for metrics and dead-letter headers) and a precise human message.
+
+pub mod native;
+pub mod segment_spec;
+
+use std::hash::{BuildHasher, Hasher};
+
+use serde_json::{Map, Value};
+
+use crate::time::{self, Millis};
+
+/// Longest customer id accepted, in bytes. Ids are map keys and Kafka keys: an id longer
+/// than this is almost certainly a bug upstream, and would bloat memory.
+pub const MAX_CUSTOMER_ID_BYTES: usize = 256;
+
+/// One customer event in the engine's own terms, whichever format it came in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// The producer's id for the event (`event_id` / `messageId`), if it sent one.
+    pub event_id: Option<Box<str>>,
+    /// A stable 64-bit hash of `event_id` (or of the raw message when there is none): what
+    /// replay detection compares, so a duplicate costs eight bytes of state, not a string.
+    pub dedup_key: u64,
+    /// The event type in lower snake case (`add_to_cart`, `purchase`, `newsletter_signup`).
+    pub event_type: Box<str>,
+    /// Whose event this is: the key of all per-customer state.
+    pub customer_id: Box<str>,
+    /// Event time, from the producer's timestamp.
+    pub ts: Millis,
+    /// The browsing session the producer assigned, if any.
+    pub session_id: Option<Box<str>>,
+    /// Flat scalar properties (`product_id`, `category`, `price`, …). Nested objects and
+    /// arrays other than `items` are not kept: no rule can address them.
+    pub properties: Props,
+    /// Line items of a purchase or refund (`items`, or `products` in the Segment spec).
+    pub items: Vec<Item>,
+    /// Where the event came from: device, country, city, utm_source, user agent, ….
+    pub context: Props,
+    /// Profile traits sent with `identify`.
+    pub traits: Props,
+    /// Money of a purchase or refund: `revenue`, else `total`, else the sum of its items.
+    pub revenue: Option<f64>,
+}
+
+impl Event {
+    /// The value of a scalar property, if the event has it.
+    pub fn property(&self, key: &str) -> Option<&PropValue> {
+        lookup(&self.properties, key)
+    }
+}
+
+/// A list of `(key, value)` pairs. Events and customers carry a handful of keys, where a
+/// small vector is both smaller and faster than a hash map.
+pub type Props = Vec<(Box<str>, PropValue)>;
+
+/// Finds `key` in a [`Props`] list.
+pub fn lookup<'a>(props: &'a Props, key: &str) -> Option<&'a PropValue> {
+    props.iter().find(|(k, _)| &**k == key).map(|(_, v)| v)
+}
+
+/// Sets `key` in a [`Props`] list: the latest value wins.
+pub fn upsert(props: &mut Props, key: &str, value: PropValue) {
+    match props.iter_mut().find(|(k, _)| &**k == key) {
+        Some(slot) => slot.1 = value,
+        None => props.push((key.into(), value)),
+    }
+}
+
+/// A scalar JSON value kept from an event's properties, context or traits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PropValue {
+    /// JSON `null`: the producer said "no value".
+    Null,
+    /// JSON `true` / `false`.
+    Bool(bool),
+    /// Any JSON number.
+    Num(f64),
+    /// A JSON string.
+    Str(Box<str>),
+}
+
+impl PropValue {
+    /// Converts a JSON value; `None` for arrays and objects, which rules cannot address.
+    pub fn from_json(value: &Value) -> Option<PropValue> {
+        Some(match value {
+            Value::Null => PropValue::Null,
+            Value::Bool(b) => PropValue::Bool(*b),
+            Value::Number(n) => PropValue::Num(n.as_f64()?),
+            Value::String(s) => PropValue::Str(s.as_str().into()),
+            Value::Array(_) | Value::Object(_) => return None,
+        })
+    }
+
+    /// The value as JSON, for output records and the HTTP API.
+    pub fn to_json(&self) -> Value {
+        match self {
+            PropValue::Null => Value::Null,
+            PropValue::Bool(b) => Value::Bool(*b),
+            PropValue::Num(n) => {
+                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+            }
+            PropValue::Str(s) => Value::String(s.to_string()),
+        }
+    }
+
+    /// The string inside, if this is a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            PropValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One line of a purchase, a refund or a cart.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item {
+    /// The product's id (`product_id`, else `sku`, else `id`).
+    pub product_id: Box<str>,
+    /// How many units; 1 when the producer did not say.
+    pub quantity: f64,
+    /// Unit price; 0 when the producer did not say.
+    pub price: f64,
+    /// The product's category, when given: feeds category interest.
+    pub category: Option<Box<str>>,
+}
+
+/// Why an input message was rejected. The label ([`InvalidReason::as_str`]) is the
+/// `reason` of `segmentd_events_invalid_total` and of the dead-letter header, so the set is
+/// small and fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InvalidReason {
+    /// The message had no payload at all.
+    Empty,
+    /// The payload is larger than `limits.max_event_bytes`.
+    Oversized,
+    /// The payload is not valid JSON (or not UTF-8).
+    InvalidJson,
+    /// Valid JSON, but not an object.
+    NotAnObject,
+    /// No customer id (`customer_id`, `userId`, `anonymousId`), or an empty one.
+    MissingCustomerId,
+    /// No event type.
+    MissingType,
+    /// No timestamp.
+    MissingTimestamp,
+    /// A timestamp that is not RFC 3339 text or epoch milliseconds.
+    BadTimestamp,
+    /// A known field with the wrong JSON type (a numeric customer id, a text price, …).
+    WrongType,
+}
+
+impl InvalidReason {
+    /// Every reason, for pre-registering metric labels.
+    pub const ALL: [InvalidReason; 9] = [
+        InvalidReason::Empty,
+        InvalidReason::Oversized,
+        InvalidReason::InvalidJson,
+        InvalidReason::NotAnObject,
+        InvalidReason::MissingCustomerId,
+        InvalidReason::MissingType,
+        InvalidReason::MissingTimestamp,
+        InvalidReason::BadTimestamp,
+        InvalidReason::WrongType,
+    ];
+
+    /// The label used in metrics and dead-letter headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidReason::Empty => "empty",
+            InvalidReason::Oversized => "oversized",
+            InvalidReason::InvalidJson => "invalid_json",
+            InvalidReason::NotAnObject => "not_an_object",
+            InvalidReason::MissingCustomerId => "missing_customer_id",
+            InvalidReason::MissingType => "missing_type",
+            InvalidReason::MissingTimestamp => "missing_timestamp",
+            InvalidReason::BadTimestamp => "bad_timestamp",
+            InvalidReason::WrongType => "wrong_type",
+        }
+    }
+}
+
+/// A rejected input message: the reason label and a message that names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {detail}", reason.as_str())]
+pub struct InvalidEvent {
+    /// The bounded label, for metrics and headers.
+    pub reason: InvalidReason,
+    /// What exactly was wrong, for logs and the dead-letter `error` header.
+    pub detail: String,
+}
+
+impl InvalidEvent {
+    /// Builds a rejection.
+    pub fn new(reason: InvalidReason, detail: impl Into<String>) -> Self {
+        InvalidEvent {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Parses one input message (either format) into an [`Event`], or says precisely why not.
+/// `max_bytes` bounds the payload size before any parsing work is done.
+pub fn parse_event(payload: &[u8], max_bytes: usize) -> Result<Event, InvalidEvent> {
+    if payload.is_empty() {
+        return Err(InvalidEvent::new(
+            InvalidReason::Empty,
+            "the message has no payload",
+        ));
+    }
+    if payload.len() > max_bytes {
+        return Err(InvalidEvent::new(
+            InvalidReason::Oversized,
+            format!(
+                "the message is {} bytes; the limit is {max_bytes}",
+                payload.len()
+            ),
+        ));
+    }
+    let value: Value = serde_json::from_slice(payload)
+        .map_err(|err| InvalidEvent::new(InvalidReason::InvalidJson, err.to_string()))?;
+    let Value::Object(object) = value else {
+        return Err(InvalidEvent::new(
+            InvalidReason::NotAnObject,
+            format!("expected a JSON object, got {}", json_kind(&value)),
+        ));
+    };
+    let mut event = if segment_spec::looks_like(&object) {
+        segment_spec::from_object(object)?
+    } else {
+        native::from_object(object)?
+    };
+    if event.dedup_key == 0 {
+        event.dedup_key = stable_hash(payload);
+    }
+    Ok(event)
+}
+
+/// A 64-bit hash that is the same in every process and every run (fixed seed), so dedup
+/// keys survive restarts. Never returns 0, which marks "not yet computed".
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut hasher = foldhash::fast::FixedState::with_seed(0x5e9_3e47).build_hasher();
+    hasher.write(bytes);
+    hasher.finish().max(1)
+}
+
+/// Describes a JSON value's kind for error messages ("a number", "an array", …).
+pub(crate) fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads an optional string field; present with another type is [`InvalidReason::WrongType`].
+pub(crate) fn opt_str<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, InvalidEvent> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(key, "a string", other)),
+    }
+}
+
+/// Reads an optional number field; present with another type is [`InvalidReason::WrongType`].
+pub(crate) fn opt_num(object: &Map<String, Value>, key: &str) -> Result<Option<f64>, InvalidEvent> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(other) => Err(wrong_type(key, "a number", other)),
+    }
+}
+
+/// Reads an optional object field; present with another type is [`InvalidReason::WrongType`].
+pub(crate) fn opt_object<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a Map<String, Value>>, InvalidEvent> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(inner)) => Ok(Some(inner)),
+        Some(other) => Err(wrong_type(key, "an object", other)),
+    }
+}
+
+/// The rejection for a field of the wrong JSON type.
+pub(crate) fn wrong_type(key: &str, expected: &str, got: &Value) -> InvalidEvent {
+    InvalidEvent::new(
+        InvalidReason::WrongType,
+        format!("`{key}` must be {expected}, got {}", json_kind(got)),
+    )
+}
+
+/// Validates a customer id taken from `key`.
+pub(crate) fn customer_id(id: Option<&str>, key: &str) -> Result<Box<str>, InvalidEvent> {
+    match id {
+        None => Err(InvalidEvent::new(
+            InvalidReason::MissingCustomerId,
+            format!("the event has no `{key}`"),
+        )),
+        Some(id) if id.trim().is_empty() => Err(InvalidEvent::new(
+            InvalidReason::MissingCustomerId,
+            format!("`{key}` is empty"),
+        )),
+        Some(id) if id.len() > MAX_CUSTOMER_ID_BYTES => Err(InvalidEvent::new(
+            InvalidReason::Oversized,
+            format!(
+                "`{key}` is {} bytes; the limit is {MAX_CUSTOMER_ID_BYTES}",
+                id.len()
+            ),
+        )),
+        Some(id) => Ok(id.into()),
+    }
+}
+
+/// Reads the event time from `key`: RFC 3339 text or integer epoch milliseconds.
+pub(crate) fn timestamp(object: &Map<String, Value>, key: &str) -> Result<Millis, InvalidEvent> {
+    match object.get(key) {
+        None | Some(Value::Null) => Err(InvalidEvent::new(
+            InvalidReason::MissingTimestamp,
+            format!("the event has no `{key}`"),
+        )),
+        Some(Value::String(text)) => time::parse_timestamp(text).ok_or_else(|| {
+            InvalidEvent::new(
+                InvalidReason::BadTimestamp,
+                format!("`{key}` = {text:?} is not an RFC 3339 timestamp"),
+            )
+        }),
+        Some(Value::Number(n)) => n.as_i64().filter(|ms| *ms >= 0).ok_or_else(|| {
+            InvalidEvent::new(
+                InvalidReason::BadTimestamp,
+                format!("`{key}` = {n} is not a non-negative integer of epoch milliseconds"),
+            )
+        }),
+        Some(other) => Err(wrong_type(key, "a timestamp string", other)),
+    }
+}
+
+/// Keeps the scalar entries of a JSON object as [`Props`].
+pub(crate) fn scalar_props(object: Option<&Map<String, Value>>) -> Props {
+    object
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.as_str().into(), PropValue::from_json(v)?)))
+        .collect()
+}
+
+/// Reads line items from an array field (`items` or `products`).
+pub(crate) fn items(
+    properties: Option<&Map<String, Value>>,
+    key: &str,
+) -> Result<Vec<Item>, InvalidEvent> {
+    let Some(properties) = properties else {
+        return Ok(Vec::new());
+    };
+    let lines = match properties.get(key) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(lines)) => lines,
+        Some(other) => return Err(wrong_type(key, "an array", other)),
+    };
+    lines
+        .iter()
+        .map(|line| {
+            let Value::Object(line) = line else {
+                return Err(wrong_type(key, "an array of objects", line));
+            };
+            item(line)
+        })
+        .collect()
+}
+
+/// Reads one product line (an item, or the product of an `add_to_cart`).
+pub(crate) fn item(line: &Map<String, Value>) -> Result<Item, InvalidEvent> {
+    let product_id = match ["product_id", "sku", "id"]
+        .iter()
+        .find_map(|k| line.get(*k))
+    {
+        Some(Value::String(s)) => s.as_str().into(),
+        Some(Value::Number(n)) => n.to_string().into(),
+        _ => "".into(),
+    };
+    Ok(Item {
+        product_id,
+        quantity: opt_num(line, "quantity")?.unwrap_or(1.0),
+        price: opt_num(line, "price")?.unwrap_or(0.0),
+        category: opt_str(line, "category")?.map(Into::into),
+    })
+}
+
+/// The money of a purchase or refund: `revenue`, else `total`, else the sum of its items.
+pub(crate) fn revenue(
+    properties: Option<&Map<String, Value>>,
+    items: &[Item],
+) -> Result<Option<f64>, InvalidEvent> {
+    if let Some(properties) = properties {
+        for key in ["revenue", "total"] {
+            if let Some(money) = opt_num(properties, key)? {
+                return Ok(Some(money));
+            }
+        }
+    }
+    if items.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(items.iter().map(|i| i.price * i.quantity).sum()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 64 * 1024;
+
+    fn reason(payload: &str) -> InvalidReason {
+        parse_event(payload.as_bytes(), LIMIT).unwrap_err().reason
+    }
+
+    #[test]
+    fn hostile_payloads_are_rejected_with_their_reason() {
+        assert_eq!(reason(""), InvalidReason::Empty);
+        assert_eq!(reason("{\"type\":"), InvalidReason::InvalidJson);
+        assert_eq!(reason("[1,2]"), InvalidReason::NotAnObject);
+        assert_eq!(reason("\"x\""), InvalidReason::NotAnObject);
+        assert_eq!(reason(&"[".repeat(10_000)), InvalidReason::InvalidJson);
+        assert_eq!(
+            parse_event(&[0xff, 0xfe, b'{'], LIMIT).unwrap_err().reason,
+            InvalidReason::InvalidJson
+        );
+        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(LIMIT));
+        assert_eq!(reason(&big), InvalidReason::Oversized);
+    }
+
+    #[test]
+    fn a_missing_event_id_is_replaced_by_a_hash_of_the_message() {
+        let payload = br#"{"type":"page_view","customer_id":"c-1","ts":"2026-11-23T10:00:00Z"}"#;
+        let a = parse_event(payload, LIMIT).unwrap();
+        let b = parse_event(payload, LIMIT).unwrap();
+        assert_eq!(a.event_id, None);
+        assert_eq!(a.dedup_key, b.dedup_key);
+        assert_ne!(a.dedup_key, 0);
+    }
+
+    #[test]
+    fn stable_hash_is_deterministic_and_distinguishes_ids() {
+        assert_eq!(stable_hash(b"e-1"), stable_hash(b"e-1"));
+        assert_ne!(stable_hash(b"e-1"), stable_hash(b"e-2"));
+    }
+}

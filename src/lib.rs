@@ -1,0 +1,26 @@
+//! segmentd — a real-time customer segmenter.
+//!
+//! Kafka consumers ingest clickstream and purchase events, keep per-customer behavioural
+//! state, re-evaluate segment rules on every event, and publish segment changes to an
+//! output topic.
+//!
+//! # Layout
+//!
+//! - [`config`]: the one config tree, from TOML with environment overrides.
+//! - [`event`]: input formats (native, Segment spec) → one typed event.
+//! - [`state`]: per-customer state, sliding windows, the concurrent customer store.
+//! - [`rules`]: the rule language: parse, type-check, compile, evaluate.
+//! - [`time`]: timestamps, durations, the evaluation clock.
+//! - [`engine`]: one event in, segment changes out; pure.
+//! - [`emit`]: segment-change records, the producer, dead letters.
+//! - [`ingest`]: the Kafka consumer loop, offsets, shutdown.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, customer and segment lookups.
+//! - [`telemetry`]: every metric, in one place.
+//! - [`cli`]: the `segmentd` commands: run, demo, replay, check, generate.
+
+pub mod emit;
+pub mod engine;
+pub mod event;
+pub mod rules;
+pub mod state;
+pub mod time;

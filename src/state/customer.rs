@@ -1,0 +1,404 @@
+//! One customer's built-in behavioural state and how each event updates it.
+
+use serde_json::{Value, json};
+
+use super::slots::SlotState;
+use crate::event::{Event, Item, Props, lookup, upsert};
+use crate::time::{Millis, format_timestamp};
+
+/// How many recent event ids a customer remembers to recognise a replayed event.
+pub const RECENT_EVENT_IDS: usize = 16;
+
+/// Everything segmentd knows about one customer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CustomerState {
+    /// Lifetime facts: first/last seen, events, purchases, revenue.
+    pub customer: Lifetime,
+    /// The current cart.
+    pub cart: Cart,
+    /// The current (or last) browsing session.
+    pub session: Session,
+    /// Profile traits from `identify`; the latest value of each wins.
+    pub traits: Props,
+    /// The latest context seen (device, country, city, utm_source, …); latest wins per key.
+    pub context: Props,
+    /// How often each category was viewed or added to the cart.
+    pub categories: Vec<(Box<str>, u32)>,
+    /// Dedup keys of the most recent events, a ring: a replayed event is recognised and
+    /// changes nothing.
+    pub recent_events: Vec<u64>,
+    /// Where the next dedup key goes in `recent_events`.
+    pub recent_cursor: u8,
+    /// The rule-specific state, one entry per slot of the loaded rules.
+    pub slots: Vec<SlotState>,
+    /// The segments the customer is in now, each with when it was entered.
+    pub segments: Vec<Membership>,
+    /// How many segment changes this customer has had: the `seq` of the last change.
+    pub seq: u64,
+}
+
+/// Lifetime facts about a customer (`customer.*` in rules).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lifetime {
+    /// Time of the earliest event.
+    pub first_seen: Millis,
+    /// Time of the latest event.
+    pub last_seen: Millis,
+    /// Events applied.
+    pub events: u64,
+    /// Purchases made.
+    pub purchases: u32,
+    /// Revenue of purchases, less refunds.
+    pub revenue: f64,
+    /// Time of the first purchase.
+    pub first_purchase_at: Option<Millis>,
+    /// Time of the latest purchase.
+    pub last_purchase_at: Option<Millis>,
+}
+
+/// The cart (`cart.*` in rules).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cart {
+    /// One line per product.
+    pub lines: Vec<Item>,
+    /// When the cart last changed.
+    pub updated_at: Option<Millis>,
+}
+
+impl Cart {
+    /// Units in the cart.
+    pub fn items(&self) -> f64 {
+        self.lines.iter().map(|l| l.quantity).sum()
+    }
+
+    /// Value of the cart: the sum of price × quantity.
+    pub fn value(&self) -> f64 {
+        self.lines.iter().map(|l| l.price * l.quantity).sum()
+    }
+
+    /// The cart lines as JSON, as output records and the HTTP API show them.
+    pub fn lines_json(&self) -> Value {
+        Value::Array(
+            self.lines
+                .iter()
+                .map(|l| json!({"product_id": &*l.product_id, "quantity": l.quantity, "price": l.price}))
+                .collect(),
+        )
+    }
+}
+
+/// The browsing session (`session.*` in rules).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Session {
+    /// The producer's session id, if it sends one.
+    pub id: Option<Box<str>>,
+    /// When the session started.
+    pub started_at: Millis,
+    /// When the customer was last active in it.
+    pub last_activity: Millis,
+    /// Page views in the session.
+    pub page_views: u32,
+    /// Events in the session.
+    pub events: u32,
+}
+
+/// Membership of one segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// The segment's index in the loaded rules.
+    pub segment: u16,
+    /// When the customer entered it.
+    pub entered_at: Millis,
+}
+
+impl CustomerState {
+    /// Whether an event with this dedup key was applied recently; if not, remembers it.
+    /// Returns `true` for a replay.
+    pub fn check_and_remember(&mut self, dedup_key: u64) -> bool {
+        if self.recent_events.contains(&dedup_key) {
+            return true;
+        }
+        if self.recent_events.len() < RECENT_EVENT_IDS {
+            self.recent_events.push(dedup_key);
+        } else {
+            self.recent_events[usize::from(self.recent_cursor)] = dedup_key;
+            self.recent_cursor = ((usize::from(self.recent_cursor) + 1) % RECENT_EVENT_IDS) as u8;
+        }
+        false
+    }
+
+    /// Applies an event's built-in meaning: lifetime facts, session, cart, traits, context
+    /// and category interest. `session_gap` is the inactivity that starts a new session.
+    pub fn apply_builtin(&mut self, event: &Event, session_gap: Millis) {
+        let c = &mut self.customer;
+        if c.events == 0 {
+            c.first_seen = event.ts;
+            c.last_seen = event.ts;
+        }
+        c.first_seen = c.first_seen.min(event.ts);
+        c.last_seen = c.last_seen.max(event.ts);
+        c.events += 1;
+
+        self.update_session(event, session_gap);
+        for (key, value) in &event.context {
+            upsert(&mut self.context, key, value.clone());
+        }
+        match &*event.event_type {
+            "add_to_cart" => self.add_to_cart(event),
+            "remove_from_cart" => self.remove_from_cart(event),
+            "purchase" => self.purchase(event),
+            "refund" => self.customer.revenue -= event.revenue.unwrap_or(0.0),
+            "identify" => {
+                for (key, value) in &event.traits {
+                    upsert(&mut self.traits, key, value.clone());
+                }
+            }
+            _ => {}
+        }
+        if matches!(&*event.event_type, "product_view" | "add_to_cart") {
+            if let Some(category) = event.property("category").and_then(|c| c.as_str()) {
+                self.note_category(category);
+            }
+        }
+    }
+
+    fn update_session(&mut self, event: &Event, session_gap: Millis) {
+        let s = &mut self.session;
+        let new_id = event.session_id.is_some() && event.session_id != s.id;
+        let gap = event.ts - s.last_activity > session_gap;
+        if s.events == 0 || new_id || gap {
+            *s = Session {
+                id: event.session_id.clone(),
+                started_at: event.ts,
+                ..Session::default()
+            };
+        }
+        s.last_activity = s.last_activity.max(event.ts);
+        s.started_at = s.started_at.min(event.ts);
+        s.events += 1;
+        if &*event.event_type == "page_view" {
+            s.page_views += 1;
+        }
+    }
+
+    fn add_to_cart(&mut self, event: &Event) {
+        let Ok(line) = product_of(event) else { return };
+        match self
+            .cart
+            .lines
+            .iter_mut()
+            .find(|l| l.product_id == line.product_id)
+        {
+            Some(existing) => {
+                existing.quantity += line.quantity;
+                existing.price = line.price;
+            }
+            None => self.cart.lines.push(line),
+        }
+        self.touch_cart(event.ts);
+    }
+
+    fn remove_from_cart(&mut self, event: &Event) {
+        let Ok(line) = product_of(event) else { return };
+        let explicit_quantity = event.property("quantity").is_some();
+        if let Some(pos) = self
+            .cart
+            .lines
+            .iter()
+            .position(|l| l.product_id == line.product_id)
+        {
+            let existing = &mut self.cart.lines[pos];
+            existing.quantity -= line.quantity;
+            if !explicit_quantity || existing.quantity <= 0.0 {
+                self.cart.lines.remove(pos);
+            }
+        }
+        self.touch_cart(event.ts);
+    }
+
+    fn purchase(&mut self, event: &Event) {
+        let c = &mut self.customer;
+        c.purchases += 1;
+        c.revenue += event.revenue.unwrap_or(0.0);
+        c.first_purchase_at = Some(c.first_purchase_at.map_or(event.ts, |t| t.min(event.ts)));
+        c.last_purchase_at = Some(c.last_purchase_at.map_or(event.ts, |t| t.max(event.ts)));
+        self.cart.lines.clear();
+        self.touch_cart(event.ts);
+        for item in &event.items {
+            if let Some(category) = &item.category {
+                self.note_category(category);
+            }
+        }
+    }
+
+    fn touch_cart(&mut self, at: Millis) {
+        self.cart.updated_at = Some(self.cart.updated_at.map_or(at, |t| t.max(at)));
+    }
+
+    fn note_category(&mut self, category: &str) {
+        match self.categories.iter_mut().find(|(c, _)| &**c == category) {
+            Some(entry) => entry.1 = entry.1.saturating_add(1),
+            None => self.categories.push((category.into(), 1)),
+        }
+    }
+
+    /// Whether the customer is in segment `segment` now.
+    pub fn is_member(&self, segment: u16) -> bool {
+        self.segments.iter().any(|m| m.segment == segment)
+    }
+
+    /// The state summary that `--dump-state` and `GET /customers/{id}` show.
+    pub fn state_json(&self) -> Value {
+        let c = &self.customer;
+        let props = |props: &Props| {
+            Value::Object(
+                props
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_json()))
+                    .collect(),
+            )
+        };
+        let time =
+            |at: Option<Millis>| at.map_or(Value::Null, |t| Value::String(format_timestamp(t)));
+        json!({
+            "customer": {
+                "first_seen": format_timestamp(c.first_seen),
+                "last_seen": format_timestamp(c.last_seen),
+                "events": c.events,
+                "purchases": c.purchases,
+                "revenue": c.revenue,
+                "first_purchase_at": time(c.first_purchase_at),
+                "last_purchase_at": time(c.last_purchase_at),
+            },
+            "cart": {
+                "items": self.cart.items(),
+                "value": self.cart.value(),
+                "updated_at": time(self.cart.updated_at),
+                "lines": self.cart.lines_json(),
+            },
+            "session": {
+                "id": self.session.id.as_deref(),
+                "started_at": format_timestamp(self.session.started_at),
+                "last_activity": format_timestamp(self.session.last_activity),
+                "page_views": self.session.page_views,
+                "events": self.session.events,
+            },
+            "traits": props(&self.traits),
+            "context": props(&self.context),
+            "categories": Value::Object(
+                self.categories.iter().map(|(k, n)| (k.to_string(), json!(n))).collect()
+            ),
+        })
+    }
+}
+
+/// The product line an `add_to_cart` / `remove_from_cart` event names.
+fn product_of(event: &Event) -> Result<Item, ()> {
+    let product_id = match event
+        .property("product_id")
+        .or_else(|| event.property("sku"))
+    {
+        Some(crate::event::PropValue::Str(id)) => id.clone(),
+        Some(crate::event::PropValue::Num(n)) => n.to_string().into(),
+        _ => return Err(()),
+    };
+    let number = |key| match lookup(&event.properties, key) {
+        Some(crate::event::PropValue::Num(n)) => Some(*n),
+        _ => None,
+    };
+    Ok(Item {
+        product_id,
+        quantity: number("quantity").unwrap_or(1.0),
+        price: number("price").unwrap_or(0.0),
+        category: event
+            .property("category")
+            .and_then(|c| c.as_str())
+            .map(Into::into),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse_event;
+    use crate::time::MINUTE;
+
+    fn event(json: &str) -> Event {
+        parse_event(json.as_bytes(), 1 << 16).unwrap()
+    }
+
+    #[test]
+    fn the_cart_fills_empties_on_removal_and_clears_on_purchase() {
+        let mut state = CustomerState::default();
+        let gap = 30 * MINUTE;
+        state.apply_builtin(
+            &event(
+                r#"{"type":"add_to_cart","customer_id":"c","ts":1000,
+            "properties":{"product_id":"p-1","price":10,"quantity":2,"category":"shoes"}}"#,
+            ),
+            gap,
+        );
+        state.apply_builtin(
+            &event(
+                r#"{"type":"add_to_cart","customer_id":"c","ts":2000,
+            "properties":{"product_id":"p-2","price":5}}"#,
+            ),
+            gap,
+        );
+        assert_eq!(state.cart.items(), 3.0);
+        assert_eq!(state.cart.value(), 25.0);
+        state.apply_builtin(
+            &event(
+                r#"{"type":"remove_from_cart","customer_id":"c","ts":3000,
+            "properties":{"product_id":"p-1","quantity":1}}"#,
+            ),
+            gap,
+        );
+        assert_eq!(state.cart.items(), 2.0);
+        assert_eq!(state.cart.updated_at, Some(3000));
+        state.apply_builtin(
+            &event(
+                r#"{"type":"purchase","customer_id":"c","ts":4000,
+            "properties":{"revenue":15}}"#,
+            ),
+            gap,
+        );
+        assert_eq!(state.cart.items(), 0.0);
+        assert_eq!(state.customer.purchases, 1);
+        assert_eq!(state.customer.revenue, 15.0);
+        assert_eq!(state.customer.last_purchase_at, Some(4000));
+        assert_eq!(state.categories, vec![("shoes".into(), 1)]);
+    }
+
+    #[test]
+    fn a_session_restarts_after_the_inactivity_gap() {
+        let mut state = CustomerState::default();
+        let gap = 30 * MINUTE;
+        let page = |ts: i64| {
+            event(&format!(
+                r#"{{"type":"page_view","customer_id":"c","ts":{ts}}}"#
+            ))
+        };
+        state.apply_builtin(&page(0), gap);
+        state.apply_builtin(&page(10 * MINUTE), gap);
+        assert_eq!(state.session.page_views, 2);
+        state.apply_builtin(&page(41 * MINUTE), gap);
+        assert_eq!(state.session.page_views, 1);
+        assert_eq!(state.session.started_at, 41 * MINUTE);
+        assert_eq!(state.customer.events, 3);
+    }
+
+    #[test]
+    fn a_replayed_event_is_recognised_within_the_recent_window() {
+        let mut state = CustomerState::default();
+        assert!(!state.check_and_remember(42));
+        assert!(state.check_and_remember(42));
+        for key in 100..(100 + RECENT_EVENT_IDS as u64) {
+            assert!(!state.check_and_remember(key));
+        }
+        assert!(
+            !state.check_and_remember(42),
+            "forgotten after {RECENT_EVENT_IDS} newer events"
+        );
+    }
+}

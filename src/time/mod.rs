@@ -1,0 +1,173 @@
+//! Event time: timestamps, durations and the clock the rules read.
+//!
+//! Every time inside the engine is an `i64` count of milliseconds since the Unix epoch
+//! ([`Millis`]): eight bytes per stored time, exact arithmetic, no time-zone questions.
+//! Conversion to and from text happens only at the edges (input parsing, output JSON,
+//! config), through the functions here.
+//!
+//! Rules never read the wall clock. The engine passes the evaluation time in explicitly
+//! (an event's own time, later a partition watermark), so that `replay` and `run` give the
+//! same answers and tests control time completely.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Milliseconds since the Unix epoch (for instants) or a length in milliseconds (for
+/// durations). One integer type keeps state small and arithmetic exact.
+pub type Millis = i64;
+
+/// One second in [`Millis`].
+pub const SECOND: Millis = 1_000;
+/// One minute in [`Millis`].
+pub const MINUTE: Millis = 60 * SECOND;
+/// One hour in [`Millis`].
+pub const HOUR: Millis = 60 * MINUTE;
+/// One day in [`Millis`].
+pub const DAY: Millis = 24 * HOUR;
+
+/// Parses an RFC 3339 timestamp (`2026-11-23T10:21:14.123Z`, any offset) into [`Millis`].
+/// Sub-millisecond digits are truncated. Returns `None` for anything else.
+pub fn parse_timestamp(text: &str) -> Option<Millis> {
+    text.parse::<jiff::Timestamp>()
+        .ok()
+        .map(|ts| ts.as_millisecond())
+}
+
+/// Formats [`Millis`] as RFC 3339 in UTC with millisecond precision
+/// (`2026-11-23T10:21:14.123Z`), the form every output of segmentd uses.
+pub fn format_timestamp(at: Millis) -> String {
+    match jiff::Timestamp::from_millisecond(at) {
+        Ok(ts) => format!("{ts:.3}"),
+        // Out of jiff's range (year ±9999): still print something a person can read.
+        Err(_) => format!("@{at}ms"),
+    }
+}
+
+/// The current wall-clock time in [`Millis`]. Only the edges call this (the `emitted_at`
+/// of output records, idle-partition watermarks); rules never do.
+pub fn wall_clock_now() -> Millis {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// Formats a duration compactly with the largest units first: `30m12s`, `2d3h`, `850ms`,
+/// `0s`. Negative durations get a leading `-`. Used in `facts` so a person can read why a
+/// rule changed.
+pub fn format_duration(length: Millis) -> String {
+    if length == 0 {
+        return "0s".to_owned();
+    }
+    let mut out = String::new();
+    if length < 0 {
+        out.push('-');
+    }
+    let mut rest = length.unsigned_abs();
+    for (unit, size) in [
+        ("d", DAY),
+        ("h", HOUR),
+        ("m", MINUTE),
+        ("s", SECOND),
+        ("ms", 1),
+    ] {
+        let size = size as u64;
+        if rest >= size {
+            let _ = write!(out, "{}{unit}", rest / size);
+            rest %= size;
+        }
+    }
+    out
+}
+
+/// A duration read from human-readable text (`"30m"`, `"5s"`, `"7d"`, `"1h 30m"`) in config
+/// files and CLI flags, kept as [`Millis`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Millis);
+
+impl HumanDuration {
+    /// The length in milliseconds.
+    pub fn millis(self) -> Millis {
+        self.0
+    }
+
+    /// The length as a std [`Duration`], for timeouts and intervals.
+    pub fn as_std(self) -> Duration {
+        Duration::from_millis(self.0.max(0) as u64)
+    }
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let parsed = humantime::parse_duration(text.trim())
+            .map_err(|err| format!("`{text}` is not a duration like `30s`, `5m` or `7d`: {err}"))?;
+        let millis = i64::try_from(parsed.as_millis())
+            .map_err(|_| format!("`{text}` is too long a duration"))?;
+        Ok(HumanDuration(millis))
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format_duration(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_with_millisecond_precision() {
+        let at = parse_timestamp("2026-11-23T10:21:14.123Z").unwrap();
+        assert_eq!(format_timestamp(at), "2026-11-23T10:21:14.123Z");
+        assert_eq!(parse_timestamp("2026-11-23T11:21:14.123+01:00"), Some(at));
+    }
+
+    #[test]
+    fn unreadable_timestamps_are_rejected() {
+        for text in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-23",
+            "1700000000",
+        ] {
+            assert_eq!(parse_timestamp(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_format_largest_unit_first() {
+        assert_eq!(format_duration(30 * MINUTE + 12 * SECOND), "30m12s");
+        assert_eq!(format_duration(2 * DAY + 3 * HOUR), "2d3h");
+        assert_eq!(format_duration(850), "850ms");
+        assert_eq!(format_duration(0), "0s");
+        assert_eq!(format_duration(-90 * SECOND), "-1m30s");
+    }
+
+    #[test]
+    fn human_durations_parse_config_text() {
+        assert_eq!(
+            "30m".parse::<HumanDuration>().unwrap().millis(),
+            30 * MINUTE
+        );
+        assert_eq!("7d".parse::<HumanDuration>().unwrap().millis(), 7 * DAY);
+        let err = "soon".parse::<HumanDuration>().unwrap_err();
+        assert!(err.contains("`soon` is not a duration"), "{err}");
+    }
+}
