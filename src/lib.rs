@@ -18,9 +18,12 @@
 //! - [`telemetry`]: every metric, in one place.
 //! - [`cli`]: the `segmentd` commands: run, demo, replay, check, generate.
 
+pub mod config;
 pub mod emit;
 pub mod engine;
 pub mod event;
+pub mod generate;
 pub mod rules;
 pub mod state;
+pub mod telemetry;
 pub mod time;

@@ -40,7 +40,8 @@ pub struct Event {
     /// Flat scalar properties (`product_id`, `category`, `price`, …). Nested objects and
     /// arrays other than `items` are not kept: no rule can address them.
     pub properties: Props,
-    /// Line items of a purchase or refund (`items`, or `products` in the Segment spec).
+    /// Line items of a purchase or refund (`items`, or `products` in the Segment spec);
+    /// empty for other types.
     pub items: Vec<Item>,
     /// Where the event came from: device, country, city, utm_source, user agent, ….
     pub context: Props,
@@ -358,6 +359,12 @@ pub(crate) fn scalar_props(object: Option<&Map<String, Value>>) -> Props {
         .flatten()
         .filter_map(|(k, v)| Some((k.as_str().into(), PropValue::from_json(v)?)))
         .collect()
+}
+
+/// Whether events of this type carry line items and money (`items`, `revenue`): purchases
+/// and refunds. Elsewhere `items` or `revenue` are ordinary properties.
+pub(crate) fn carries_money(event_type: &str) -> bool {
+    matches!(event_type, "purchase" | "refund")
 }
 
 /// Reads line items from an array field (`items` or `products`).

@@ -13,8 +13,8 @@
 use serde_json::{Map, Value};
 
 use super::{
-    Event, InvalidEvent, InvalidReason, customer_id, items, opt_object, opt_str, revenue,
-    scalar_props, stable_hash, timestamp,
+    Event, InvalidEvent, InvalidReason, carries_money, customer_id, items, opt_object, opt_str,
+    revenue, scalar_props, stable_hash, timestamp,
 };
 
 /// Builds an [`Event`] from a native-format object.
@@ -39,8 +39,13 @@ pub fn from_object(object: Map<String, Value>) -> Result<Event, InvalidEvent> {
             .transpose()?
             .flatten(),
     };
-    let items = items(properties, "items")?;
-    let revenue = revenue(properties, &items)?;
+    let (items, revenue) = if carries_money(event_type) {
+        let items = items(properties, "items")?;
+        let revenue = revenue(properties, &items)?;
+        (items, revenue)
+    } else {
+        (Vec::new(), None)
+    };
     Ok(Event {
         event_id: event_id.map(Into::into),
         dedup_key: event_id.map_or(0, |id| stable_hash(id.as_bytes())),

@@ -8,8 +8,8 @@
 use serde_json::{Map, Value};
 
 use super::{
-    Event, InvalidEvent, InvalidReason, Props, customer_id, items, opt_object, opt_str, revenue,
-    scalar_props, stable_hash, timestamp,
+    Event, InvalidEvent, InvalidReason, Props, carries_money, customer_id, items, opt_object,
+    opt_str, revenue, scalar_props, stable_hash, timestamp,
 };
 
 /// Whether an object is a Segment-spec call rather than a native event. The spec's
@@ -54,11 +54,16 @@ pub fn from_object(object: Map<String, Value>) -> Result<Event, InvalidEvent> {
     let message_id = opt_str(&object, "messageId")?;
     let properties = opt_object(&object, "properties")?;
     let context = opt_object(&object, "context")?;
-    let items = match items(properties, "products")? {
-        products if products.is_empty() => items(properties, "items")?,
-        products => products,
+    let (items, revenue) = if carries_money(&event_type) {
+        let items = match items(properties, "products")? {
+            products if products.is_empty() => items(properties, "items")?,
+            products => products,
+        };
+        let revenue = revenue(properties, &items)?;
+        (items, revenue)
+    } else {
+        (Vec::new(), None)
     };
-    let revenue = revenue(properties, &items)?;
     Ok(Event {
         event_id: message_id.map(Into::into),
         dedup_key: message_id.map_or(0, |id| stable_hash(id.as_bytes())),

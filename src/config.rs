@@ -1,0 +1,447 @@
+//! The one config tree: a TOML file, with every key overridable by an environment
+//! variable (`SEGMENTD_` + the key path in capitals, `__` between levels:
+//! `SEGMENTD_KAFKA__BROKERS`). Unknown keys are errors, durations are human-readable
+//! (`"30m"`), and every default lives in this file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::rules::{RuleErrors, RuleSet, RuleText, SegmentDef};
+use crate::time::{HumanDuration, MINUTE};
+
+/// Why a config did not load.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A key is unknown, missing or of the wrong type (in the file or the environment).
+    #[error("invalid config {origin}: {source}")]
+    Invalid {
+        /// Where the config came from.
+        origin: String,
+        /// What figment found.
+        source: Box<figment::Error>,
+    },
+    /// A value is well-typed but not acceptable.
+    #[error("invalid config {origin}: {message}")]
+    Value {
+        /// Where the config came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The segment rules do not compile.
+    #[error("invalid rules in {origin}:\n{errors}")]
+    Rules {
+        /// Where the config came from.
+        origin: String,
+        /// Every rule error.
+        errors: RuleErrors,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Brokers, topics and client properties.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// The HTTP endpoint.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Event-time settings.
+    #[serde(default)]
+    pub time: TimeConfig,
+    /// Delivery guarantee.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Input limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The segments, in evaluation-independent order.
+    #[serde(default)]
+    pub segments: Vec<SegmentConfig>,
+    /// Where each segment's rules start in the config file (not a config key: filled in
+    /// by [`Config::load`] so that rule errors point into the file).
+    #[serde(skip)]
+    rule_origins: Vec<(Option<(usize, usize)>, Option<(usize, usize)>)>,
+    /// Where the config came from, for error messages.
+    #[serde(skip)]
+    pub origin: String,
+}
+
+/// `[kafka]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// The consumer group: instances with the same group share the partitions.
+    pub group_id: String,
+    /// The topics events are read from.
+    pub input_topics: Vec<String>,
+    /// The topic segment changes are written to.
+    pub output_topic: String,
+    /// The topic rejected input is copied to, untouched, with the reason in headers.
+    pub dead_letter_topic: String,
+    /// librdkafka consumer properties, passed through as they are.
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka producer properties, passed through as they are.
+    pub producer: BTreeMap<String, String>,
+    /// How often processed offsets are committed to the group.
+    pub commit_interval: HumanDuration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "segmentd".into(),
+            input_topics: vec!["clickstream".into(), "purchases".into()],
+            output_topic: "segment-changes".into(),
+            dead_letter_topic: "segmentd-dead-letter".into(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            commit_interval: HumanDuration(1_000),
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, lookups).
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+        }
+    }
+}
+
+/// `[time]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeConfig {
+    /// Inactivity after which a customer's next event starts a new session.
+    pub session_gap: HumanDuration,
+}
+
+impl Default for TimeConfig {
+    fn default() -> Self {
+        TimeConfig {
+            session_gap: HumanDuration(30 * MINUTE),
+        }
+    }
+}
+
+/// `[delivery]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// The delivery guarantee.
+    pub mode: DeliveryMode,
+}
+
+/// Delivery guarantees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// An input offset is committed only after every record it caused is acknowledged.
+    #[default]
+    AtLeastOnce,
+    /// Kafka transactions: output, dead letters and offsets committed together.
+    ExactlyOnce,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest input message accepted, in bytes; larger ones are dead-lettered.
+    pub max_event_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_event_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[[segments]]`: one segment.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentConfig {
+    /// Unique id.
+    pub id: String,
+    /// What it means.
+    pub description: Option<String>,
+    /// When a customer enters.
+    pub enter: String,
+    /// When a member leaves (default: when `enter` is false).
+    pub exit: Option<String>,
+}
+
+/// Just the segment rules' positions in a file, read with spans.
+#[derive(Deserialize)]
+struct SpannedSegments {
+    #[serde(default)]
+    segments: Vec<SpannedSegment>,
+}
+
+#[derive(Deserialize)]
+struct SpannedSegment {
+    enter: Option<toml::Spanned<String>>,
+    exit: Option<toml::Spanned<String>>,
+}
+
+impl Config {
+    /// Loads a config file with environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Loads config text (`origin` names it in errors) with environment overrides.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(
+            Figment::new()
+                .merge(Toml::string(text))
+                .merge(Env::prefixed("SEGMENTD_").split("__")),
+            text,
+            origin,
+        )
+    }
+
+    /// Loads config text without reading the environment (tests, embedded defaults).
+    pub fn from_toml_only(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(Figment::new().merge(Toml::string(text)), text, origin)
+    }
+
+    fn from_figment(figment: Figment, text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = figment.extract().map_err(|source| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.origin = origin.to_owned();
+        config.rule_origins = rule_origins(text, &config.segments);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: String| {
+            Err(ConfigError::Value {
+                origin: self.origin.clone(),
+                message,
+            })
+        };
+        if self.delivery.mode == DeliveryMode::ExactlyOnce {
+            return fail("delivery.mode = \"exactly_once\" is not available in this version; use \"at_least_once\"".into());
+        }
+        if self.kafka.input_topics.is_empty() {
+            return fail("kafka.input_topics is empty: name at least one topic to read".into());
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return fail("kafka.brokers is empty".into());
+        }
+        for (key, value) in [
+            ("kafka.group_id", &self.kafka.group_id),
+            ("kafka.output_topic", &self.kafka.output_topic),
+            ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic),
+        ] {
+            if value.trim().is_empty() {
+                return fail(format!("{key} is empty"));
+            }
+        }
+        if self
+            .kafka
+            .input_topics
+            .iter()
+            .any(|t| *t == self.kafka.output_topic || *t == self.kafka.dead_letter_topic)
+        {
+            return fail("an input topic is also the output or dead-letter topic: segmentd would read its own output".into());
+        }
+        if self.limits.max_event_bytes == 0 {
+            return fail("limits.max_event_bytes must be positive".into());
+        }
+        if self.segments.is_empty() {
+            return fail("no [[segments]] are defined".into());
+        }
+        Ok(())
+    }
+
+    /// The segment definitions, with file positions for error messages.
+    pub fn segment_defs(&self) -> Vec<SegmentDef> {
+        self.segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (enter_origin, exit_origin) =
+                    self.rule_origins.get(i).copied().unwrap_or_default();
+                SegmentDef {
+                    id: s.id.clone(),
+                    description: s.description.clone(),
+                    enter: RuleText {
+                        text: s.enter.clone(),
+                        origin: enter_origin,
+                    },
+                    exit: s.exit.as_ref().map(|text| RuleText {
+                        text: text.clone(),
+                        origin: exit_origin,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Compiles the segment rules.
+    pub fn rule_set(&self) -> Result<RuleSet, ConfigError> {
+        RuleSet::compile(&self.segment_defs()).map_err(|errors| ConfigError::Rules {
+            origin: self.origin.clone(),
+            errors,
+        })
+    }
+}
+
+/// Where each segment's `enter` and `exit` text starts in the file (1-based line and
+/// column of the first character inside the quotes). Only trusted when the text read with
+/// spans equals the text the config holds (an environment override may replace it).
+fn rule_origins(
+    text: &str,
+    segments: &[SegmentConfig],
+) -> Vec<(Option<(usize, usize)>, Option<(usize, usize)>)> {
+    let Ok(spanned) = toml::from_str::<SpannedSegments>(text) else {
+        return Vec::new();
+    };
+    let locate = |value: &Option<toml::Spanned<String>>, expected: Option<&String>| {
+        let value = value.as_ref()?;
+        if Some(value.get_ref()) != expected {
+            return None;
+        }
+        let start = value.span().start;
+        let quote = if text[start..].starts_with("\"\"\"") || text[start..].starts_with("'''") {
+            3
+        } else {
+            1
+        };
+        let at = start + quote;
+        let line = text[..at].matches('\n').count() + 1;
+        let column = text[..at]
+            .rfind('\n')
+            .map_or(&text[..at], |i| &text[i + 1..at])
+            .chars()
+            .count()
+            + 1;
+        Some((line, column))
+    };
+    spanned
+        .segments
+        .iter()
+        .zip(segments)
+        .map(|(spans, segment)| {
+            (
+                locate(&spans.enter, Some(&segment.enter)),
+                locate(&spans.exit, segment.exit.as_ref()),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_configs_parse_and_compile() {
+        for name in ["config/segmentd.toml", "config/demo.toml"] {
+            let config = Config::from_toml_only(&std::fs::read_to_string(name).unwrap(), name)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            config.rule_set().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::from_toml_only(
+            "[kafka]\nbrokerz = 'x'\n[[segments]]\nid='a'\nenter='true'",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("brokerz"), "{err}");
+    }
+
+    #[test]
+    fn bad_durations_and_addresses_are_rejected_with_the_value() {
+        let err = Config::from_toml_only("[time]\nsession_gap = 'soonish'", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("`soonish` is not a duration"),
+            "{err}"
+        );
+        let err = Config::from_toml_only("[http]\nlisten = 'nowhere'", "t").unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn rule_errors_point_into_the_file() {
+        let text = "[[segments]]\nid = 'x'\nenter = \"cart.items > 0 and cart.itemz > 1\"\n";
+        let err = Config::from_toml_only(text, "t.toml")
+            .unwrap()
+            .rule_set()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("segment `x` (enter), line 3, column 29"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_input_topic_that_is_the_output_is_refused() {
+        let text =
+            "[kafka]\ninput_topics = ['a']\noutput_topic = 'a'\n[[segments]]\nid='s'\nenter='true'";
+        let err = Config::from_toml_only(text, "t").unwrap_err();
+        assert!(err.to_string().contains("read its own output"), "{err}");
+    }
+
+    #[test]
+    fn exactly_once_is_refused_until_it_exists() {
+        let text = "[delivery]\nmode = 'exactly_once'\n[[segments]]\nid='s'\nenter='true'";
+        let err = Config::from_toml_only(text, "t").unwrap_err();
+        assert!(err.to_string().contains("not available"), "{err}");
+    }
+
+    #[test]
+    fn environment_variables_override_file_keys() {
+        // SAFETY: no other test in this binary reads or writes this variable; the config
+        // tests that share the process use `from_toml_only`, which ignores the environment.
+        unsafe { std::env::set_var("SEGMENTD_KAFKA__GROUP_ID", "from-env") };
+        let config = Config::from_toml(
+            "[kafka]\ngroup_id = 'from-file'\n[[segments]]\nid='s'\nenter='true'",
+            "t",
+        );
+        unsafe { std::env::remove_var("SEGMENTD_KAFKA__GROUP_ID") };
+        assert_eq!(config.unwrap().kafka.group_id, "from-env");
+    }
+}

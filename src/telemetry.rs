@@ -1,0 +1,259 @@
+//! Every metric segmentd exports, with its labels and help text, in one place; and the
+//! happenings that both log and count, each one struct with an `emit`.
+//!
+//! Call sites hold typed handles from [`Metrics`], never metric names. No label carries
+//! a customer id: label values come from small fixed sets (reasons, segments, topics,
+//! partitions, the event types the rules know).
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::event::InvalidReason;
+use crate::rules::RuleSet;
+
+/// Handles to every metric, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `segmentd_events_total{topic,type}`: events applied.
+    pub events: IntCounterVec,
+    /// `segmentd_events_invalid_total{reason}`: messages rejected and dead-lettered.
+    pub events_invalid: IntCounterVec,
+    /// `segmentd_events_duplicate_total`: events whose id was already applied.
+    pub events_duplicate: IntCounter,
+    /// `segmentd_segment_transitions_total{segment,transition}`.
+    pub transitions: IntCounterVec,
+    /// `segmentd_segment_members{segment}`, set from the engine's counts at each scrape.
+    pub members: IntGaugeVec,
+    /// `segmentd_customers`, set from the store's size at each scrape.
+    pub customers: IntGauge,
+    /// `segmentd_event_to_emit_seconds`: from reading an input message to the broker's
+    /// acknowledgement of the last change it caused.
+    pub event_to_emit: Histogram,
+    /// `segmentd_consumer_lag{topic,partition}`: messages behind the partition's end.
+    pub consumer_lag: IntGaugeVec,
+    /// `segmentd_rebalances_total`: partition assignments and revocations.
+    pub rebalances: IntCounter,
+    /// `segmentd_producer_queue`: records waiting in the producer for acknowledgement.
+    pub producer_queue: IntGauge,
+    /// `segmentd_dead_letters_total{reason}`: dead-letter records acknowledged.
+    pub dead_letters: IntCounterVec,
+    /// `segmentd_batch_seconds{stage}`: time per consumed batch, by stage.
+    pub batch_seconds: HistogramVec,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric names are unique");
+            metric
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric names are unique");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric names are unique");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric names are unique");
+            metric
+        };
+        let latency_buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let event_to_emit = Histogram::with_opts(
+            HistogramOpts::new(
+                "segmentd_event_to_emit_seconds",
+                "Seconds from reading an input message to the broker acknowledging the last change it caused.",
+            )
+            .buckets(latency_buckets.clone()),
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(event_to_emit.clone()))
+            .expect("metric names are unique");
+        let batch_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "segmentd_batch_seconds",
+                "Seconds spent per consumed batch, by stage.",
+            )
+            .buckets(latency_buckets),
+            &["stage"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(batch_seconds.clone()))
+            .expect("metric names are unique");
+
+        let metrics = Metrics {
+            events: counter_vec(
+                "segmentd_events_total",
+                "Input events applied, by topic and event type.",
+                &["topic", "type"],
+            ),
+            events_invalid: counter_vec(
+                "segmentd_events_invalid_total",
+                "Input messages rejected (and dead-lettered), by reason.",
+                &["reason"],
+            ),
+            events_duplicate: counter(
+                "segmentd_events_duplicate_total",
+                "Input events ignored because their id was already applied.",
+            ),
+            transitions: counter_vec(
+                "segmentd_segment_transitions_total",
+                "Segment changes published, by segment and transition.",
+                &["segment", "transition"],
+            ),
+            members: gauge_vec(
+                "segmentd_segment_members",
+                "Customers currently in each segment.",
+                &["segment"],
+            ),
+            customers: gauge("segmentd_customers", "Customers held in state."),
+            event_to_emit,
+            consumer_lag: gauge_vec(
+                "segmentd_consumer_lag",
+                "Messages between the consumer's position and the end of each partition.",
+                &["topic", "partition"],
+            ),
+            rebalances: counter(
+                "segmentd_rebalances_total",
+                "Consumer-group rebalances (assignments and revocations).",
+            ),
+            producer_queue: gauge(
+                "segmentd_producer_queue",
+                "Records in the producer not yet acknowledged by the brokers.",
+            ),
+            dead_letters: counter_vec(
+                "segmentd_dead_letters_total",
+                "Dead-letter records acknowledged by the brokers, by reason.",
+                &["reason"],
+            ),
+            batch_seconds,
+            registry,
+        };
+        for reason in InvalidReason::ALL {
+            metrics.events_invalid.with_label_values(&[reason.as_str()]);
+        }
+        Arc::new(metrics)
+    }
+
+    /// Pre-creates the per-segment series so a fresh instance exports zeros, not gaps.
+    pub fn register_segments(&self, rules: &RuleSet) {
+        for segment in &rules.segments {
+            self.members.with_label_values(&[&*segment.id]);
+            for transition in ["entered", "exited"] {
+                self.transitions
+                    .with_label_values(&[&*segment.id, transition]);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("encoding into memory cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// An input message was rejected: counted by reason and logged at DEBUG (one per message,
+/// so never louder).
+pub struct InvalidEventReceived<'a> {
+    /// Why.
+    pub reason: InvalidReason,
+    /// The precise problem.
+    pub detail: &'a str,
+    /// Where it came from.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+impl InvalidEventReceived<'_> {
+    /// Counts and logs it.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics
+            .events_invalid
+            .with_label_values(&[self.reason.as_str()])
+            .inc();
+        tracing::debug!(
+            reason = self.reason.as_str(),
+            detail = self.detail,
+            topic = self.topic,
+            partition = self.partition,
+            offset = self.offset,
+            "Rejected an input message."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_spec_metric() {
+        let metrics = Metrics::new();
+        metrics
+            .events
+            .with_label_values(&["clickstream", "page_view"])
+            .inc();
+        metrics
+            .transitions
+            .with_label_values(&["s", "entered"])
+            .inc();
+        metrics.members.with_label_values(&["s"]).set(1);
+        metrics
+            .consumer_lag
+            .with_label_values(&["clickstream", "0"])
+            .set(0);
+        metrics.event_to_emit.observe(0.001);
+        let text = metrics.render();
+        for name in [
+            "segmentd_events_total",
+            "segmentd_events_invalid_total",
+            "segmentd_events_duplicate_total",
+            "segmentd_segment_transitions_total",
+            "segmentd_segment_members",
+            "segmentd_customers",
+            "segmentd_event_to_emit_seconds_bucket",
+            "segmentd_consumer_lag",
+            "segmentd_rebalances_total",
+            "segmentd_producer_queue",
+        ] {
+            assert!(
+                text.contains(&format!("\n{name}")) || text.starts_with(name),
+                "{name} missing"
+            );
+        }
+        assert!(text.contains("segmentd_events_invalid_total{reason=\"invalid_json\"} 0"));
+    }
+}
