@@ -18,7 +18,9 @@ use crate::rules::eval::{Scope, eval, feed_slot, passes};
 use crate::state::customer::Membership;
 use crate::state::slots::SlotState;
 use crate::state::{CustomerState, CustomerStore};
-use crate::time::Millis;
+use crate::time::{Millis, format_timestamp};
+
+use serde_json::{Value, json};
 
 /// What became of one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,6 +187,27 @@ impl Engine {
                 rules_version: rules.version.clone(),
             });
         }
+    }
+
+    /// A customer's segments (with entered-at), change counter and state summary: the
+    /// shape shared by `replay --dump-state` and `GET /customers/{id}`.
+    pub fn customer_json(&self, id: &str, state: &CustomerState) -> Value {
+        let mut segments: Vec<(&str, Millis)> = state
+            .segments
+            .iter()
+            .map(|m| {
+                (
+                    &*self.rules.segments[usize::from(m.segment)].id,
+                    m.entered_at,
+                )
+            })
+            .collect();
+        segments.sort_unstable();
+        let segments: Vec<Value> = segments
+            .into_iter()
+            .map(|(segment, at)| json!({"segment": segment, "entered_at": format_timestamp(at)}))
+            .collect();
+        json!({"customer_id": id, "segments": segments, "seq": state.seq, "state": state.state_json()})
     }
 
     /// The ids of the segments a customer is in, sorted.

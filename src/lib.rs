@@ -18,11 +18,14 @@
 //! - [`telemetry`]: every metric, in one place.
 //! - [`cli`]: the `segmentd` commands: run, demo, replay, check, generate.
 
+pub mod cli;
 pub mod config;
 pub mod emit;
 pub mod engine;
 pub mod event;
 pub mod generate;
+pub mod http;
+pub mod ingest;
 pub mod rules;
 pub mod state;
 pub mod telemetry;

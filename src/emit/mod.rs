@@ -2,3 +2,4 @@
 //! and dead letters ([`producer`]).
 
 pub mod change;
+pub mod producer;

@@ -424,7 +424,11 @@ pub(crate) fn revenue(
     if items.is_empty() {
         return Ok(None);
     }
-    Ok(Some(items.iter().map(|i| i.price * i.quantity).sum()))
+    Ok(Some(
+        items
+            .iter()
+            .fold(0.0, |total, i| total + i.price * i.quantity),
+    ))
 }
 
 #[cfg(test)]

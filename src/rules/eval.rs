@@ -43,11 +43,21 @@ impl Value<'_> {
         match self {
             Value::Null => Json::Null,
             Value::Bool(b) => Json::Bool(b),
-            Value::Num(n) => serde_json::Number::from_f64(n).map_or(Json::Null, Json::Number),
+            Value::Num(n) => serde_json::Number::from_f64(tidy(n)).map_or(Json::Null, Json::Number),
             Value::Str(s) => Json::String(s.to_owned()),
             Value::Time(t) => Json::String(format_timestamp(t)),
             Value::Dur(d) => Json::String(format_duration(d)),
         }
+    }
+}
+
+/// Rounds away binary floating-point residue (`700.1700000000001` → `700.17`) for
+/// display: nine decimals are kept, far below any currency's unit.
+fn tidy(n: f64) -> f64 {
+    if n.abs() < 1e9 {
+        (n * 1e9).round() / 1e9
+    } else {
+        n
     }
 }
 

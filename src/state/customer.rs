@@ -68,12 +68,15 @@ pub struct Cart {
 impl Cart {
     /// Units in the cart.
     pub fn items(&self) -> f64 {
-        self.lines.iter().map(|l| l.quantity).sum()
+        // A fold from +0.0: `Sum` for floats starts at -0.0, which would print as `-0`.
+        self.lines.iter().fold(0.0, |total, l| total + l.quantity)
     }
 
     /// Value of the cart: the sum of price × quantity.
     pub fn value(&self) -> f64 {
-        self.lines.iter().map(|l| l.price * l.quantity).sum()
+        self.lines
+            .iter()
+            .fold(0.0, |total, l| total + l.price * l.quantity)
     }
 
     /// The cart lines as JSON, as output records and the HTTP API show them.

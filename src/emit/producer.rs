@@ -1,0 +1,109 @@
+//! The Kafka producer: segment-change records and dead-letter copies.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use super::change::SegmentChange;
+use crate::event::InvalidEvent;
+
+/// A producer for segmentd's output: idempotent (retries never reorder or duplicate a
+/// customer's changes within a session) and acknowledged by all in-sync replicas, with
+/// the user's librdkafka properties applied last.
+pub fn create_producer(
+    brokers: &str,
+    overrides: &BTreeMap<String, String>,
+) -> Result<FutureProducer, KafkaError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "60000");
+    for (key, value) in overrides {
+        config.set(key, value);
+    }
+    config.create()
+}
+
+/// Hands a record to the producer, waiting while its queue is full (backpressure), and
+/// returns the future of its acknowledgement.
+pub async fn send<'a>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'a, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                // The queue drains as the brokers acknowledge; give them a moment.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((err, _)) => return Err(err),
+        }
+    }
+}
+
+/// The payload and headers of a change record: JSON body, headers `segment` and
+/// `transition` (and `id`, for consumers that dedupe without parsing).
+pub fn change_payload(
+    change: &SegmentChange,
+    emitted_at: crate::time::Millis,
+) -> (Vec<u8>, OwnedHeaders) {
+    let payload =
+        serde_json::to_vec(&change.to_json(emitted_at)).expect("JSON values always serialise");
+    let id = change.id();
+    let headers = OwnedHeaders::new_with_capacity(3)
+        .insert(Header {
+            key: "segment",
+            value: Some(change.segment.as_bytes()),
+        })
+        .insert(Header {
+            key: "transition",
+            value: Some(change.transition.as_str().as_bytes()),
+        })
+        .insert(Header {
+            key: "id",
+            value: Some(id.as_bytes()),
+        });
+    (payload, headers)
+}
+
+/// Headers of a dead-letter copy: why it was rejected and where it came from. The key
+/// and payload are the original's, untouched.
+pub fn dead_letter_headers(
+    rejection: &InvalidEvent,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> OwnedHeaders {
+    let partition = partition.to_string();
+    let offset = offset.to_string();
+    OwnedHeaders::new_with_capacity(5)
+        .insert(Header {
+            key: "reason",
+            value: Some(rejection.reason.as_str().as_bytes()),
+        })
+        .insert(Header {
+            key: "error",
+            value: Some(rejection.detail.as_bytes()),
+        })
+        .insert(Header {
+            key: "source_topic",
+            value: Some(topic.as_bytes()),
+        })
+        .insert(Header {
+            key: "source_partition",
+            value: Some(partition.as_bytes()),
+        })
+        .insert(Header {
+            key: "source_offset",
+            value: Some(offset.as_bytes()),
+        })
+}

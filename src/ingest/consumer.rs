@@ -1,0 +1,87 @@
+//! The consumer: its configuration and its context (rebalance and statistics callbacks).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+
+use crate::config::Config;
+use crate::telemetry::Metrics;
+
+/// Callbacks librdkafka makes on the consumer: rebalances (counted, logged, and the
+/// readiness flag) and statistics (consumer lag per partition).
+pub struct IngestContext {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+impl IngestContext {
+    /// A context reporting into `metrics` and raising `ready` at the first assignment.
+    pub fn new(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Self {
+        IngestContext { metrics, ready }
+    }
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                // librdkafka reports the internal partition -1 and -1 for unknown lag.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[topic, &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                self.metrics.rebalances.inc();
+                self.ready.store(true, Ordering::Relaxed);
+                tracing::info!(partitions = partitions.count(), "Partitions assigned.");
+            }
+            Rebalance::Revoke(partitions) => {
+                self.metrics.rebalances.inc();
+                tracing::info!(partitions = partitions.count(), "Partitions revoked.");
+            }
+            Rebalance::Error(err) => tracing::warn!(error = %err, "Rebalance failed."),
+        }
+    }
+}
+
+/// A group consumer over the input topics: offsets stored by hand after delivery and
+/// committed every `commit_interval`, cooperative-sticky assignment, lag statistics
+/// every 5 s; the user's librdkafka properties applied last.
+pub fn create_consumer(
+    config: &Config,
+    context: IngestContext,
+) -> Result<StreamConsumer<IngestContext>, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "true")
+        .set(
+            "auto.commit.interval.ms",
+            config.kafka.commit_interval.millis().max(1).to_string(),
+        )
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000")
+        .set("enable.partition.eof", "false");
+    for (key, value) in &config.kafka.consumer {
+        client.set(key, value);
+    }
+    client.create_with_context(context)
+}
