@@ -1,0 +1,255 @@
+//! Helpers shared by the integration tests: an embedded broker, the service started in
+//! the test's runtime, an HTTP GET over a plain socket, and condition waits with deadlines.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use segmentd::config::Config;
+use segmentd::engine::Engine;
+use segmentd::telemetry::Metrics;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+/// The reference config pointed at `brokers`, reading `input`, HTTP on a free port.
+pub fn test_config(brokers: &str, input: &str, group: &str) -> Config {
+    let text = std::fs::read_to_string("config/segmentd.toml").expect("the reference config");
+    let mut config = Config::from_toml_only(&text, "config/segmentd.toml").expect("it parses");
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.input_topics = vec![input.to_owned()];
+    config.kafka.group_id = group.to_owned();
+    config.kafka.commit_interval = "200ms".parse().unwrap();
+    config
+        .kafka
+        .consumer
+        .insert("fetch.wait.max.ms".into(), "5".into());
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+/// A running service and the means to stop it.
+pub struct Service {
+    pub http: SocketAddr,
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), segmentd::ingest::ServiceError>>,
+}
+
+impl Service {
+    /// Starts the service and waits until its HTTP port is bound.
+    pub async fn start(config: Config) -> Service {
+        let rules = config.rule_set().expect("rules compile");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(segmentd::ingest::run(
+            config,
+            rules,
+            async move {
+                let _ = stopped.await;
+            },
+            move |s| {
+                let _ = started_tx.send((s.http_addr, s.engine.clone(), s.metrics.clone()));
+            },
+        ));
+        let (http, engine, metrics) = started_rx.await.expect("the service starts");
+        Service {
+            http,
+            engine,
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    /// Signals shutdown and returns how the service ended.
+    pub async fn stop(self) -> Result<(), segmentd::ingest::ServiceError> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("stops within 30s")
+            .expect("no panic")
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing after `limit`.
+pub async fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET path` over a fresh connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Sends raw request text and reads the whole response: (status, body).
+pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, dechunk(&body))
+}
+
+/// Undoes chunked transfer encoding when present.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_owned();
+        };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if size == 0 {
+            return out;
+        }
+        if after.len() < size {
+            return body.to_owned();
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+}
+
+/// A producer to the embedded broker.
+pub fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "1")
+        .create()
+        .expect("producer")
+}
+
+/// Produces one message and waits for its acknowledgement.
+pub async fn produce(producer: &FutureProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
+    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .expect("produced");
+}
+
+/// A record read back from a topic.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).expect("a JSON record")
+    }
+}
+
+/// Reads exactly `count` records from `topic` (from the start), failing after `limit`,
+/// then checks for a short while that no further record arrives.
+pub async fn read_records(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    limit: Duration,
+) -> Vec<Record> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while records.len() < count {
+        let message = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {count} records on {topic} within {limit:?}",
+                    records.len()
+                )
+            })
+            .expect("consume");
+        records.push(to_record(&message));
+    }
+    // Nothing more: a record beyond the expected ones would be a duplicate or a bug.
+    if let Ok(Ok(extra)) = tokio::time::timeout(Duration::from_millis(1500), consumer.recv()).await
+    {
+        panic!(
+            "an unexpected extra record on {topic}: {:?}",
+            to_record(&extra)
+        );
+    }
+    records
+}
+
+fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|header| {
+                    (
+                        header.key.to_owned(),
+                        String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        key: message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: message.payload().unwrap_or_default().to_vec(),
+        headers,
+    }
+}
