@@ -76,7 +76,7 @@ pub struct Config {
     /// Where each segment's rules start in the config file (not a config key: filled in
     /// by [`Config::load`] so that rule errors point into the file).
     #[serde(skip)]
-    rule_origins: Vec<(Option<(usize, usize)>, Option<(usize, usize)>)>,
+    rule_origins: Vec<RuleOrigins>,
     /// Where the config came from, for error messages.
     #[serde(skip)]
     pub origin: String,
@@ -199,6 +199,9 @@ pub struct SegmentConfig {
     /// When a member leaves (default: when `enter` is false).
     pub exit: Option<String>,
 }
+
+/// Where a segment's `enter` and `exit` texts start in the file: 1-based (line, column).
+type RuleOrigins = (Option<(usize, usize)>, Option<(usize, usize)>);
 
 /// Just the segment rules' positions in a file, read with spans.
 #[derive(Deserialize)]
@@ -328,10 +331,7 @@ impl Config {
 /// Where each segment's `enter` and `exit` text starts in the file (1-based line and
 /// column of the first character inside the quotes). Only trusted when the text read with
 /// spans equals the text the config holds (an environment override may replace it).
-fn rule_origins(
-    text: &str,
-    segments: &[SegmentConfig],
-) -> Vec<(Option<(usize, usize)>, Option<(usize, usize)>)> {
+fn rule_origins(text: &str, segments: &[SegmentConfig]) -> Vec<RuleOrigins> {
     let Ok(spanned) = toml::from_str::<SpannedSegments>(text) else {
         return Vec::new();
     };

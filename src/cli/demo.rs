@@ -144,12 +144,10 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             () = &mut interrupted => break,
             () = sleep_until(deadline) => break,
             message = tail.recv() => {
-                if let Ok(message) = message {
-                    if let Some(line) = message.payload().and_then(describe_change) {
-                        recent.push(line);
-                        let excess = recent.len().saturating_sub(8);
-                        recent.drain(..excess);
-                    }
+                if let Some(line) = message.ok().and_then(|m| m.payload().and_then(describe_change)) {
+                    recent.push(line);
+                    let excess = recent.len().saturating_sub(8);
+                    recent.drain(..excess);
                 }
             }
             _ = tick.tick() => summary.print(&started, &recent),

@@ -77,7 +77,7 @@ pub enum Scope<'a> {
 
 static EMPTY_SLOT: SlotState = SlotState::Empty;
 
-fn slot<'a>(state: &'a CustomerState, index: u16) -> &'a SlotState {
+fn slot(state: &CustomerState, index: u16) -> &SlotState {
     state.slots.get(usize::from(index)).unwrap_or(&EMPTY_SLOT)
 }
 
@@ -274,7 +274,7 @@ fn arith<'a>(op: ArithOp, l: Value<'a>, r: Value<'a>) -> Value<'a> {
         (ArithOp::Add, Value::Num(a), Value::Num(b)) => Value::Num(a + b),
         (ArithOp::Sub, Value::Num(a), Value::Num(b)) => Value::Num(a - b),
         (ArithOp::Mul, Value::Num(a), Value::Num(b)) => Value::Num(a * b),
-        (ArithOp::Div, Value::Num(_), Value::Num(b)) if b == 0.0 => Value::Null,
+        (ArithOp::Div, Value::Num(_), Value::Num(0.0)) => Value::Null,
         (ArithOp::Div, Value::Num(a), Value::Num(b)) => Value::Num(a / b),
         (ArithOp::Sub, Value::Time(a), Value::Time(b)) => Value::Dur(a - b),
         (ArithOp::Add, Value::Time(t), Value::Dur(d))
@@ -284,7 +284,7 @@ fn arith<'a>(op: ArithOp, l: Value<'a>, r: Value<'a>) -> Value<'a> {
         (ArithOp::Sub, Value::Dur(a), Value::Dur(b)) => Value::Dur(a.saturating_sub(b)),
         (ArithOp::Mul, Value::Dur(d), Value::Num(n))
         | (ArithOp::Mul, Value::Num(n), Value::Dur(d)) => Value::Dur((d as f64 * n) as Millis),
-        (ArithOp::Div, Value::Dur(_), Value::Num(n)) if n == 0.0 => Value::Null,
+        (ArithOp::Div, Value::Dur(_), Value::Num(0.0)) => Value::Null,
         (ArithOp::Div, Value::Dur(d), Value::Num(n)) => Value::Dur((d as f64 / n) as Millis),
         (ArithOp::Div, Value::Dur(_), Value::Dur(0)) => Value::Null,
         (ArithOp::Div, Value::Dur(a), Value::Dur(b)) => Value::Num(a as f64 / b as f64),

@@ -158,10 +158,10 @@ impl CustomerState {
             }
             _ => {}
         }
-        if matches!(&*event.event_type, "product_view" | "add_to_cart") {
-            if let Some(category) = event.property("category").and_then(|c| c.as_str()) {
-                self.note_category(category);
-            }
+        if matches!(&*event.event_type, "product_view" | "add_to_cart")
+            && let Some(category) = event.property("category").and_then(|c| c.as_str())
+        {
+            self.note_category(category);
         }
     }
 
