@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::event::InvalidReason;
@@ -42,8 +42,6 @@ pub struct Metrics {
     pub producer_queue: IntGauge,
     /// `segmentd_dead_letters_total{reason}`: dead-letter records acknowledged.
     pub dead_letters: IntCounterVec,
-    /// `segmentd_batch_seconds{stage}`: time per consumed batch, by stage.
-    pub batch_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -88,23 +86,11 @@ impl Metrics {
                 "segmentd_event_to_emit_seconds",
                 "Seconds from reading an input message to the broker acknowledging the last change it caused.",
             )
-            .buckets(latency_buckets.clone()),
+            .buckets(latency_buckets),
         )
         .expect("valid metric definition");
         registry
             .register(Box::new(event_to_emit.clone()))
-            .expect("metric names are unique");
-        let batch_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "segmentd_batch_seconds",
-                "Seconds spent per consumed batch, by stage.",
-            )
-            .buckets(latency_buckets),
-            &["stage"],
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(batch_seconds.clone()))
             .expect("metric names are unique");
 
         let metrics = Metrics {
@@ -152,7 +138,6 @@ impl Metrics {
                 "Dead-letter records acknowledged by the brokers, by reason.",
                 &["reason"],
             ),
-            batch_seconds,
             registry,
         };
         for reason in InvalidReason::ALL {

@@ -3,16 +3,19 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use segmentd::config::Config;
 use segmentd::engine::Engine;
 use segmentd::telemetry::Metrics;
+use serde_json::Value;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -252,4 +255,179 @@ fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
         payload: message.payload().unwrap_or_default().to_vec(),
         headers,
     }
+}
+
+/// The golden case whose events the pipeline tests send through a broker.
+pub const SCRIPT_CASE: &str = "tests/golden/cart_exit_intent_abandoned_product";
+
+/// Malformed messages of every kind, each with the reason it must be dead-lettered for.
+pub fn malformed_messages() -> Vec<(&'static str, Vec<u8>)> {
+    let oversized = format!(
+        r#"{{"type":"page_view","customer_id":"c-10","ts":0,"pad":"{}"}}"#,
+        "x".repeat(70_000)
+    );
+    vec![
+        ("invalid_json", b"{\"type\": \"page_view\", ".to_vec()),
+        (
+            "missing_customer_id",
+            br#"{"type":"page_view","ts":"2026-03-01T10:00:00Z"}"#.to_vec(),
+        ),
+        (
+            "bad_timestamp",
+            br#"{"type":"page_view","customer_id":"c-10","ts":"soon"}"#.to_vec(),
+        ),
+        (
+            "wrong_type",
+            br#"{"type":"page_view","customer_id":10,"ts":"2026-03-01T10:00:00Z"}"#.to_vec(),
+        ),
+        ("not_an_object", b"[1,2,3]".to_vec()),
+        ("empty", Vec::new()),
+        ("oversized", oversized.into_bytes()),
+    ]
+}
+
+/// Produces the scripted case's events (keyed by customer) and then every malformed
+/// message (keyed `c-10`); returns how many messages were produced.
+pub async fn produce_script(producer: &FutureProducer, topic: &str) -> i64 {
+    let events = std::fs::read_to_string(format!("{SCRIPT_CASE}/events.jsonl")).unwrap();
+    let mut produced = 0;
+    for line in events.lines() {
+        let customer = serde_json::from_str::<Value>(line).unwrap()["customer_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        produce(producer, topic, Some(&customer), line.as_bytes()).await;
+        produced += 1;
+    }
+    for (_, payload) in malformed_messages() {
+        produce(producer, topic, Some("c-10"), &payload).await;
+        produced += 1;
+    }
+    produced
+}
+
+/// The scripted case's expected changes, in order.
+pub fn expected_changes() -> Vec<Value> {
+    std::fs::read_to_string(format!("{SCRIPT_CASE}/expected.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Asserts that change records are exactly the expected changes: keyed by customer, with
+/// `segment`/`transition`/`id` headers, each customer's in `seq` order.
+pub fn check_changes(records: &[Record]) {
+    let expected = expected_changes();
+    assert_eq!(records.len(), expected.len());
+    let mut by_customer: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for record in records {
+        let change = record.json();
+        assert_eq!(
+            record.key.as_deref(),
+            change["customer_id"].as_str(),
+            "keyed by customer"
+        );
+        assert_eq!(record.header("segment"), change["segment"].as_str());
+        assert_eq!(record.header("transition"), change["transition"].as_str());
+        assert_eq!(record.header("id"), change["id"].as_str());
+        assert_eq!(change["schema"], "segmentd.segment_change.v1");
+        assert!(
+            change["rules_version"]
+                .as_str()
+                .unwrap()
+                .starts_with("sha256:")
+        );
+        by_customer
+            .entry(change["customer_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(change);
+    }
+    for want in &expected {
+        let customer = want["customer_id"].as_str().unwrap();
+        let got = by_customer
+            .get_mut(customer)
+            .expect("changes for every customer");
+        let change = got.remove(0);
+        for key in ["segment", "transition", "at", "seq", "cause"] {
+            assert_eq!(change[key], want[key], "{customer}: `{key}` of {change}");
+        }
+    }
+    let first = records
+        .iter()
+        .map(Record::json)
+        .find(|c| c["customer_id"] == "c-10" && c["seq"] == 1)
+        .unwrap();
+    assert_eq!(
+        first["cart"][0]["product_id"], "p-7",
+        "the payload carries the cart"
+    );
+    assert_eq!(
+        first["segments"],
+        serde_json::json!(["exit_intent_with_cart"])
+    );
+}
+
+/// Asserts that every malformed message is on the dead-letter topic, untouched, with its
+/// reason and origin in headers.
+pub fn check_dead_letters(records: &[Record], source_topic: &str) {
+    let malformed = malformed_messages();
+    assert_eq!(records.len(), malformed.len());
+    for (reason, payload) in &malformed {
+        let record = records
+            .iter()
+            .find(|r| r.header("reason") == Some(reason))
+            .unwrap_or_else(|| panic!("no dead letter for {reason}"));
+        assert_eq!(
+            &record.payload, payload,
+            "{reason}: the payload is forwarded untouched"
+        );
+        assert_eq!(
+            record.key.as_deref(),
+            Some("c-10"),
+            "{reason}: the key is kept"
+        );
+        assert_eq!(record.header("source_topic"), Some(source_topic));
+        assert!(
+            !record.header("error").unwrap_or_default().is_empty(),
+            "{reason}: an error message"
+        );
+    }
+}
+
+/// Asserts that `group` committed every partition of `topic` to its end, and that the
+/// partitions hold `produced` messages in all.
+pub fn check_committed(brokers: &str, group: &str, topic: &str, partitions: i32, produced: i64) {
+    let checker: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = checker
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    let mut total = 0;
+    for element in committed.elements() {
+        let (low, high) = checker
+            .fetch_watermarks(topic, element.partition(), Duration::from_secs(10))
+            .unwrap();
+        total += high - low;
+        if high == 0 {
+            continue; // no message was keyed to this partition
+        }
+        let Offset::Offset(offset) = element.offset() else {
+            panic!("no commit for partition {}", element.partition())
+        };
+        assert_eq!(
+            offset,
+            high,
+            "partition {} committed to its end",
+            element.partition()
+        );
+    }
+    assert_eq!(total, produced, "every produced message is in the topic");
 }

@@ -1,0 +1,84 @@
+//! Criterion benchmarks of the pure engine on generated traffic with the reference rules:
+//! parsing each input format, and the whole per-event path (parse, state, rules).
+//! Run: `cargo bench --bench engine`. Results and machine in BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use segmentd::config::Config;
+use segmentd::engine::Engine;
+use segmentd::event::parse_event;
+use segmentd::generate::{Format, Generator, GeneratorConfig};
+use segmentd::state::new_store;
+
+const EVENTS: usize = 20_000;
+
+fn traffic(format: Format) -> Vec<Vec<u8>> {
+    let mut generator = Generator::new(GeneratorConfig {
+        seed: 11,
+        customers: 5_000,
+        format,
+        invalid_share: 0.0,
+    });
+    (0..EVENTS)
+        .map(|i| generator.next_at(1_767_225_600_000 + i as i64 * 20).payload)
+        .collect()
+}
+
+fn reference_engine() -> Engine {
+    let text = std::fs::read_to_string("config/segmentd.toml").expect("run from the crate root");
+    let config =
+        Config::from_toml_only(&text, "config/segmentd.toml").expect("the reference config parses");
+    Engine::new(
+        Arc::new(config.rule_set().expect("the reference rules compile")),
+        new_store(),
+        config.time.session_gap.millis(),
+    )
+}
+
+fn parsing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse");
+    for (name, format) in [
+        ("native", Format::Native),
+        ("segment_spec", Format::Segment),
+    ] {
+        let messages = traffic(format);
+        group.throughput(Throughput::Elements(messages.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for message in &messages {
+                    black_box(parse_event(black_box(message), 1 << 16).ok());
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn per_event_path(c: &mut Criterion) {
+    let messages = traffic(Format::Native);
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(messages.len() as u64));
+    group.bench_function("parse_apply_reference_rules", |b| {
+        // Each iteration replays the traffic into a fresh engine (built outside the timing),
+        // so every event is new: replays of the same ids would be cheap duplicates.
+        b.iter_batched(
+            reference_engine,
+            |engine| {
+                let mut changes = Vec::new();
+                for message in &messages {
+                    let event = parse_event(message, 1 << 16).expect("generated events parse");
+                    changes.clear();
+                    black_box(engine.apply(&event, &mut changes));
+                }
+                engine
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parsing, per_event_path);
+criterion_main!(benches);

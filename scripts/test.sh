@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command (README's second command): every test of the project, including the
+# system test against a standalone Tansu broker. Tansu is installed with cargo the first
+# time (about 11 minutes on 2 cores); the system test starts and stops it itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tansu_version=0.6.0
+tansu=$(command -v tansu || true)
+if [ -z "$tansu" ] && [ -x "$HOME/.cargo/bin/tansu" ]; then
+    tansu="$HOME/.cargo/bin/tansu"
+fi
+if [ -z "$tansu" ] || ! "$tansu" --version 2>/dev/null | grep -q "$tansu_version"; then
+    echo "Installing the Tansu broker $tansu_version for the system test (once)..." >&2
+    cargo install tansu --version "$tansu_version" --features dynostore --locked
+    tansu="$HOME/.cargo/bin/tansu"
+fi
+export SEGMENTD_TANSU="$tansu"
+
+cargo test
