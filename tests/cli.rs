@@ -186,7 +186,7 @@ fn replay_reads_stdin() {
 /// `generate` writes the requested number of parseable events, deterministically per seed.
 #[test]
 fn generate_writes_seeded_parseable_events() {
-    let out = segmentd(&[
+    let args = [
         "generate",
         "--count",
         "300",
@@ -196,7 +196,8 @@ fn generate_writes_seeded_parseable_events() {
         "mixed",
         "--start",
         "2026-01-01T00:00:00Z",
-    ]);
+    ];
+    let out = segmentd(&args);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<&[u8]> = out
         .stdout
@@ -207,17 +208,7 @@ fn generate_writes_seeded_parseable_events() {
     for line in &lines {
         segmentd::event::parse_event(line, 1 << 16).expect("every generated event parses");
     }
-    let again = segmentd(&[
-        "generate",
-        "--count",
-        "300",
-        "--seed",
-        "9",
-        "--format",
-        "mixed",
-        "--start",
-        "2026-01-01T00:00:00Z",
-    ]);
+    let again = segmentd(&args);
     assert_eq!(out.stdout, again.stdout);
     let bad = segmentd(&["generate", "--invalid-share", "2"]);
     assert_eq!(bad.status.code(), Some(1));

@@ -6,9 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Service, check_changes, check_committed, check_dead_letters, expected_changes, http_get,
-    http_request, malformed_messages, produce_script, producer, read_records, test_config,
-    wait_for,
+    Service, check_committed, http_get, http_request, script_round_trip, test_config, wait_for,
 };
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
@@ -36,23 +34,7 @@ async fn events_in_changes_and_dead_letters_out_offsets_committed() {
     })
     .await;
 
-    let produced = produce_script(&producer(&brokers), INPUT).await;
-    let changes = read_records(
-        &brokers,
-        OUTPUT,
-        expected_changes().len(),
-        Duration::from_secs(30),
-    )
-    .await;
-    check_changes(&changes);
-    let dead = read_records(
-        &brokers,
-        DEAD,
-        malformed_messages().len(),
-        Duration::from_secs(30),
-    )
-    .await;
-    check_dead_letters(&dead, INPUT);
+    let produced = script_round_trip(&brokers, INPUT, OUTPUT, DEAD, Duration::from_secs(30)).await;
 
     // HTTP: lookups, segments, metrics, errors.
     let (status, body) = http_get(service.http, "/customers/c-11").await;

@@ -306,6 +306,25 @@ pub async fn produce_script(producer: &FutureProducer, topic: &str) -> i64 {
     produced
 }
 
+/// Produces the script to `input` and checks what arrives on `output` and `dead`:
+/// exactly the golden changes and every malformed message. Returns how many messages
+/// were produced.
+pub async fn script_round_trip(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    dead: &str,
+    limit: Duration,
+) -> i64 {
+    let produced = produce_script(&producer(brokers), input).await;
+    check_changes(&read_records(brokers, output, expected_changes().len(), limit).await);
+    check_dead_letters(
+        &read_records(brokers, dead, malformed_messages().len(), limit).await,
+        input,
+    );
+    produced
+}
+
 /// The scripted case's expected changes, in order.
 pub fn expected_changes() -> Vec<Value> {
     std::fs::read_to_string(format!("{SCRIPT_CASE}/expected.jsonl"))
