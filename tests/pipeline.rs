@@ -97,6 +97,24 @@ async fn events_in_changes_and_dead_letters_out_offsets_committed() {
         );
     }
 
+    // Consumer lag comes from librdkafka's statistics, every 5 s: caught up, it is 0.
+    wait_for(
+        "consumer lag in /metrics",
+        Duration::from_secs(20),
+        async || {
+            let (_, metrics) = http_get(service.http, "/metrics").await;
+            metrics
+                .lines()
+                .any(|l| {
+                    l.starts_with("segmentd_consumer_lag{")
+                        && l.contains("topic=\"clickstream\"")
+                        && l.ends_with(" 0")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
     service.stop().await.expect("a clean shutdown");
 
     // Every input message was processed and acknowledged: the committed offsets are the

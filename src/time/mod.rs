@@ -27,12 +27,22 @@ pub const HOUR: Millis = 60 * MINUTE;
 /// One day in [`Millis`].
 pub const DAY: Millis = 24 * HOUR;
 
-/// Parses an RFC 3339 timestamp (`2026-11-23T10:21:14.123Z`, any offset) into [`Millis`].
+/// Parses a timestamp into [`Millis`]: RFC 3339 (`2026-11-23T10:21:14.123Z`, any offset,
+/// `T` or a space between date and time), or a date and time without an offset, or
+/// ending in ` UTC` (`2019-10-01 00:00:04 UTC`, common in exported datasets), read as UTC.
 /// Sub-millisecond digits are truncated. Returns `None` for anything else.
 pub fn parse_timestamp(text: &str) -> Option<Millis> {
-    text.parse::<jiff::Timestamp>()
-        .ok()
-        .map(|ts| ts.as_millisecond())
+    if let Ok(ts) = text.parse::<jiff::Timestamp>() {
+        return Some(ts.as_millisecond());
+    }
+    let civil = text.strip_suffix(" UTC").unwrap_or(text);
+    // A bare date is not an instant: require a time of day.
+    if !civil.contains(':') {
+        return None;
+    }
+    let datetime = civil.parse::<jiff::civil::DateTime>().ok()?;
+    let ts = jiff::tz::TimeZone::UTC.to_timestamp(datetime).ok()?;
+    Some(ts.as_millisecond())
 }
 
 /// Formats [`Millis`] as RFC 3339 in UTC with millisecond precision
@@ -136,6 +146,15 @@ mod tests {
         let at = parse_timestamp("2026-11-23T10:21:14.123Z").unwrap();
         assert_eq!(format_timestamp(at), "2026-11-23T10:21:14.123Z");
         assert_eq!(parse_timestamp("2026-11-23T11:21:14.123+01:00"), Some(at));
+    }
+
+    #[test]
+    fn timestamps_without_an_offset_are_utc() {
+        let at = parse_timestamp("2019-10-01T00:00:04Z").unwrap();
+        assert_eq!(parse_timestamp("2019-10-01 00:00:04 UTC"), Some(at));
+        assert_eq!(parse_timestamp("2019-10-01 00:00:04"), Some(at));
+        assert_eq!(parse_timestamp("2019-10-01T00:00:04"), Some(at));
+        assert_eq!(parse_timestamp("2019-10-01 00:00:04Z"), Some(at));
     }
 
     #[test]
