@@ -10,13 +10,16 @@
 //! - [`event`]: input formats (native, Segment spec) → one typed event.
 //! - [`state`]: per-customer state, sliding windows, the concurrent customer store.
 //! - [`rules`]: the rule language: parse, type-check, compile, evaluate.
-//! - [`time`]: timestamps, durations, the evaluation clock.
+//! - [`time`]: timestamps and durations; rules are evaluated at a time passed in.
 //! - [`engine`]: one event in, segment changes out; pure.
 //! - [`emit`]: segment-change records, the producer, dead letters.
 //! - [`ingest`]: the Kafka consumer loop, offsets, shutdown.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, customer and segment lookups.
 //! - [`telemetry`]: every metric, in one place.
+//! - [`generate`]: realistic synthetic shop traffic (demo, `generate`, tests, benches).
 //! - [`cli`]: the `segmentd` commands: run, demo, replay, check, generate.
+
+#![warn(missing_docs)]
 
 pub mod cli;
 pub mod config;

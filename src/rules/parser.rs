@@ -6,14 +6,19 @@ use std::sync::LazyLock;
 use pest::Parser as _;
 use pest::iterators::Pair;
 use pest::pratt_parser::{Assoc, Op, PrattParser};
-use pest_derive::Parser;
 
 use super::ast::{Arg, BinaryOp, Expr, ExprKind, Literal, Span, UnaryOp};
 use crate::time::{DAY, HOUR, MINUTE, Millis, SECOND};
 
-#[derive(Parser)]
-#[grammar = "rules/grammar.pest"]
-struct RuleGrammar;
+/// The generated parser lives in a private module: its `Rule` enum is an implementation
+/// detail, not part of the crate's interface.
+mod grammar {
+    #[derive(pest_derive::Parser)]
+    #[grammar = "rules/grammar.pest"]
+    pub struct RuleGrammar;
+}
+
+use grammar::{Rule, RuleGrammar};
 
 /// A syntax error: where (byte offset into the rule text) and what.
 #[derive(Clone, Debug, PartialEq, Eq)]
