@@ -15,6 +15,6 @@ if [ -z "$tansu" ] || ! "$tansu" --version 2>/dev/null | grep -q "$tansu_version
     cargo install tansu --version "$tansu_version" --features dynostore --locked
     tansu="$HOME/.cargo/bin/tansu"
 fi
-export SEGMENTD_TANSU="$tansu"
+export TANSU_BINARY="$tansu"
 
 cargo test

@@ -1,7 +1,7 @@
 //! System test: the real `segmentd` binary against a standalone Kafka-compatible broker
 //! (Tansu, in-memory storage) on loopback, started and stopped by this test.
 //!
-//! `scripts/test.sh` installs Tansu and points `SEGMENTD_TANSU` at it; without it the
+//! `scripts/test.sh` installs Tansu and points `TANSU_BINARY` at it; without it the
 //! test looks for `tansu` on the PATH and in `~/.cargo/bin`, and fails with instructions
 //! if there is none — it never passes without having run.
 
@@ -42,7 +42,7 @@ fn free_port() -> u16 {
 }
 
 fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("SEGMENTD_TANSU") {
+    if let Some(path) = std::env::var_os("TANSU_BINARY") {
         return PathBuf::from(path);
     }
     let on_path = std::env::var_os("PATH")
