@@ -221,3 +221,124 @@ impl Engine {
         ids
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse_event;
+    use crate::generate::{Format, Generator, GeneratorConfig};
+    use crate::rules::SegmentDef;
+    use crate::state::new_store;
+    use crate::time::MINUTE;
+
+    fn engine(defs: &[(&str, &str)]) -> Engine {
+        let defs: Vec<SegmentDef> = defs
+            .iter()
+            .map(|(id, enter)| SegmentDef {
+                id: (*id).into(),
+                enter: (*enter).into(),
+                ..SegmentDef::default()
+            })
+            .collect();
+        Engine::new(
+            Arc::new(RuleSet::compile(&defs).unwrap()),
+            new_store(),
+            30 * MINUTE,
+        )
+    }
+
+    fn apply(engine: &Engine, json: &str) -> (Outcome, Vec<SegmentChange>) {
+        let mut changes = Vec::new();
+        let outcome = engine.apply(
+            &parse_event(json.as_bytes(), 1 << 16).unwrap(),
+            &mut changes,
+        );
+        (outcome, changes)
+    }
+
+    #[test]
+    fn a_rule_that_stays_true_publishes_nothing_and_seq_counts_changes() {
+        let engine = engine(&[("viewer", "count(page_view) >= 1")]);
+        let page = |id: &str, ts: i64| {
+            format!(r#"{{"event_id":"{id}","type":"page_view","customer_id":"c","ts":{ts}}}"#)
+        };
+        let (_, changes) = apply(&engine, &page("a", 1));
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].seq, changes[0].transition),
+            (1, Transition::Entered)
+        );
+        assert!(
+            apply(&engine, &page("b", 2)).1.is_empty(),
+            "still true: nothing published"
+        );
+        assert_eq!(engine.member_counts(), vec![1]);
+    }
+
+    #[test]
+    fn a_replayed_event_changes_nothing() {
+        let engine = engine(&[("two_views", "count(page_view) >= 2")]);
+        let page = r#"{"event_id":"same","type":"page_view","customer_id":"c","ts":1}"#;
+        assert_eq!(apply(&engine, page).0, Outcome::Applied);
+        let (outcome, changes) = apply(&engine, page);
+        assert_eq!(outcome, Outcome::Duplicate);
+        assert!(changes.is_empty(), "the second copy is not counted");
+        assert_eq!(engine.store().get("c").unwrap().customer.events, 1);
+    }
+
+    #[test]
+    fn a_late_event_is_evaluated_at_the_customers_latest_time() {
+        let engine = engine(&[(
+            "carted_long_ago",
+            "cart.items > 0 and idle(cart.updated_at) >= 10m",
+        )]);
+        apply(
+            &engine,
+            r#"{"type":"page_view","customer_id":"c","ts":1200000}"#,
+        );
+        let (_, changes) = apply(
+            &engine,
+            r#"{"type":"add_to_cart","customer_id":"c","ts":0,"properties":{"product_id":"p"}}"#,
+        );
+        assert_eq!(
+            changes.len(),
+            1,
+            "idle is measured from the cart change to the latest time seen"
+        );
+        assert_eq!(
+            changes[0].at, 1_200_000,
+            "time never goes back for a customer"
+        );
+    }
+
+    #[test]
+    fn state_round_trips_through_serde() {
+        let text = std::fs::read_to_string("config/segmentd.toml").unwrap();
+        let config = crate::config::Config::from_toml_only(&text, "config/segmentd.toml").unwrap();
+        let engine = Engine::new(
+            Arc::new(config.rule_set().unwrap()),
+            new_store(),
+            30 * MINUTE,
+        );
+        let mut generator = Generator::new(GeneratorConfig {
+            seed: 5,
+            customers: 200,
+            format: Format::Mixed,
+            invalid_share: 0.0,
+        });
+        let mut changes = Vec::new();
+        for i in 0..5_000 {
+            let message = generator.next_at(1_767_225_600_000 + i * 1_000);
+            engine.apply(
+                &parse_event(&message.payload, 1 << 16).unwrap(),
+                &mut changes,
+            );
+        }
+        assert!(!changes.is_empty());
+        for entry in engine.store().iter() {
+            let json = serde_json::to_string(entry.value()).unwrap();
+            let back: CustomerState = serde_json::from_str(&json).unwrap();
+            assert_eq!(&back, entry.value(), "{}", entry.key());
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub mod segment_spec;
 
 use std::hash::{BuildHasher, Hasher};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::time::{self, Millis};
@@ -76,7 +77,7 @@ pub fn upsert(props: &mut Props, key: &str, value: PropValue) {
 }
 
 /// A scalar JSON value kept from an event's properties, context or traits.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PropValue {
     /// JSON `null`: the producer said "no value".
     Null,
@@ -122,7 +123,7 @@ impl PropValue {
 }
 
 /// One line of a purchase, a refund or a cart.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     /// The product's id (`product_id`, else `sku`, else `id`).
     pub product_id: Box<str>,

@@ -1,5 +1,6 @@
 //! One customer's built-in behavioural state and how each event updates it.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::slots::SlotState;
@@ -10,7 +11,7 @@ use crate::time::{Millis, format_timestamp};
 pub const RECENT_EVENT_IDS: usize = 16;
 
 /// Everything segmentd knows about one customer.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CustomerState {
     /// Lifetime facts: first/last seen, events, purchases, revenue.
     pub customer: Lifetime,
@@ -38,7 +39,7 @@ pub struct CustomerState {
 }
 
 /// Lifetime facts about a customer (`customer.*` in rules).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Lifetime {
     /// Time of the earliest event.
     pub first_seen: Millis,
@@ -57,7 +58,7 @@ pub struct Lifetime {
 }
 
 /// The cart (`cart.*` in rules).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Cart {
     /// One line per product.
     pub lines: Vec<Item>,
@@ -91,7 +92,7 @@ impl Cart {
 }
 
 /// The browsing session (`session.*` in rules).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     /// The producer's session id, if it sends one.
     pub id: Option<Box<str>>,
@@ -106,7 +107,7 @@ pub struct Session {
 }
 
 /// Membership of one segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
     /// The segment's index in the loaded rules.
     pub segment: u16,

@@ -2,7 +2,9 @@
 //! ([`slots`]), sliding windows ([`window`]) and the concurrent map that holds every
 //! customer ([`CustomerStore`]).
 //!
-//! Pure data and arithmetic: no I/O, no clock. The engine decides what time it is.
+//! Pure data and arithmetic: no I/O, no clock. The engine decides what time it is. Every
+//! piece of state derives serde's traits, so a customer can be written out and read back
+//! whole (a changelog, a dump).
 
 pub mod customer;
 pub mod slots;

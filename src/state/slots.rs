@@ -9,6 +9,7 @@
 
 use super::window::{BucketWindow, Stats, bucket_is_live, bucket_of, granularity};
 use crate::time::Millis;
+use serde::{Deserialize, Serialize};
 
 /// Most values a `distinct` slot tells apart; past this the count saturates.
 pub const MAX_DISTINCT_VALUES: usize = 256;
@@ -18,7 +19,7 @@ pub const MAX_TOP_VALUES: usize = 32;
 pub const MAX_PENDING_KEYS: usize = 32;
 
 /// The state of one slot for one customer.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum SlotState {
     /// No event has touched the slot yet.
     #[default]
@@ -39,7 +40,7 @@ pub enum SlotState {
 }
 
 /// One value of a `top` slot.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TopEntry {
     /// The value as text.
     pub value: Box<str>,
@@ -52,7 +53,7 @@ pub struct TopEntry {
 }
 
 /// The pending state of a `followed(a, b, d, by)` / `not_followed` slot.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sequence {
     /// The latest unresolved `a` per `by` key (hash of the key): waiting for a `b`.
     pub pending: Vec<(u64, Millis)>,

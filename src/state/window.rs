@@ -9,6 +9,7 @@
 //! non-empty buckets, at most 65 live ones, so its cost is bounded by the window's
 //! shape, not by the number of events.
 
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 use crate::time::{Millis, SECOND};
@@ -40,7 +41,7 @@ pub trait Accumulate: Clone + Default {
 
 /// Count, sum, min and max of a numeric field: enough for `count`, `sum`, `avg`, `min`
 /// and `max` over the same events.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     /// How many events.
     pub count: u64,
@@ -91,7 +92,7 @@ impl Accumulate for u32 {
 }
 
 /// A sliding window's non-empty buckets, oldest first.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BucketWindow<A> {
     buckets: VecDeque<(i64, A)>,
 }
