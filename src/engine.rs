@@ -107,7 +107,8 @@ impl Engine {
                 now,
             );
         }
-        let cause = Cause::Event {
+        // Built only if something changes: most events change nothing.
+        let cause = || Cause::Event {
             event_id: event.event_id.clone(),
             event_type: event.event_type.clone(),
         };
@@ -129,7 +130,7 @@ impl Engine {
         state: &mut CustomerState,
         plan: &[u16],
         now: Millis,
-        cause: &Cause,
+        cause: &dyn Fn() -> Cause,
         out: &mut Vec<SegmentChange>,
     ) {
         let rules = &*self.rules;
@@ -179,7 +180,7 @@ impl Engine {
                 segment: segment.id.clone(),
                 transition,
                 at: now,
-                cause: cause.clone(),
+                cause: cause(),
                 seq: state.seq,
                 segments: self.segment_ids(state),
                 facts,

@@ -68,11 +68,13 @@ pub fn lookup<'a>(props: &'a Props, key: &str) -> Option<&'a PropValue> {
     props.iter().find(|(k, _)| &**k == key).map(|(_, v)| v)
 }
 
-/// Sets `key` in a [`Props`] list: the latest value wins.
-pub fn upsert(props: &mut Props, key: &str, value: PropValue) {
+/// Sets `key` in a [`Props`] list: the latest value wins. Copies only when the value
+/// changed: context and traits repeat on most events.
+pub fn upsert(props: &mut Props, key: &str, value: &PropValue) {
     match props.iter_mut().find(|(k, _)| &**k == key) {
-        Some(slot) => slot.1 = value,
-        None => props.push((key.into(), value)),
+        Some(slot) if slot.1 == *value => {}
+        Some(slot) => slot.1 = value.clone(),
+        None => props.push((key.into(), value.clone())),
     }
 }
 

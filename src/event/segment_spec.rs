@@ -149,7 +149,7 @@ fn flat_context(context: Option<&Map<String, Value>>) -> Result<Props, InvalidEv
     flat.retain(|(key, _)| !matches!(&**key, "userAgent" | "sessionId"));
     let mut put = |key: &str, value: Option<&str>| {
         if let Some(value) = value {
-            super::upsert(&mut flat, key, super::PropValue::Str(value.into()));
+            super::upsert(&mut flat, key, &super::PropValue::Str(value.into()));
         }
     };
     put("user_agent", opt_str(context, "userAgent")?);

@@ -145,7 +145,7 @@ impl CustomerState {
 
         self.update_session(event, session_gap);
         for (key, value) in &event.context {
-            upsert(&mut self.context, key, value.clone());
+            upsert(&mut self.context, key, value);
         }
         match &*event.event_type {
             "add_to_cart" => self.add_to_cart(event),
@@ -154,7 +154,7 @@ impl CustomerState {
             "refund" => self.customer.revenue -= event.revenue.unwrap_or(0.0),
             "identify" => {
                 for (key, value) in &event.traits {
-                    upsert(&mut self.traits, key, value.clone());
+                    upsert(&mut self.traits, key, value);
                 }
             }
             _ => {}
