@@ -17,4 +17,13 @@ if [ -z "$tansu" ] || ! "$tansu" --version 2>/dev/null | grep -q "$tansu_version
 fi
 export TANSU_BINARY="$tansu"
 
-cargo test
+# Every test target (there are no doctests); the closing line sums all of them.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --lib --bins --tests 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -6,18 +6,20 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
 use super::change::SegmentChange;
 use crate::event::InvalidEvent;
 
 /// A producer for segmentd's output: idempotent (retries never reorder or duplicate a
 /// customer's changes within a session) and acknowledged by all in-sync replicas, with
-/// the user's librdkafka properties applied last.
-pub fn create_producer(
+/// the user's librdkafka properties applied last. Acknowledgements go to `context`'s
+/// delivery callback, on the producer's own polling thread.
+pub fn create_producer<C: ProducerContext>(
     brokers: &str,
     overrides: &BTreeMap<String, String>,
-) -> Result<FutureProducer, KafkaError> {
+    context: C,
+) -> Result<ThreadedProducer<C>, KafkaError> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
@@ -28,18 +30,17 @@ pub fn create_producer(
     for (key, value) in overrides {
         config.set(key, value);
     }
-    config.create()
+    config.create_with_context(context)
 }
 
-/// Hands a record to the producer, waiting while its queue is full (backpressure), and
-/// returns the future of its acknowledgement.
-pub async fn send<'a>(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'a, [u8], [u8]>,
-) -> Result<DeliveryFuture, KafkaError> {
+/// Hands a record to the producer, waiting while its queue is full (backpressure).
+pub async fn send<C: ProducerContext>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
+) -> Result<(), KafkaError> {
     loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
                 // The queue drains as the brokers acknowledge; give them a moment.

@@ -5,24 +5,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 
+use super::offsets::OffsetTracker;
 use crate::config::Config;
 use crate::telemetry::Metrics;
 
-/// Callbacks librdkafka makes on the consumer: rebalances (counted, logged, and the
-/// readiness flag) and statistics (consumer lag per partition).
+/// Callbacks librdkafka makes on the consumer: rebalances (drained before revocation,
+/// counted, logged, and the readiness flag) and statistics (consumer lag per partition).
 pub struct IngestContext {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    tracker: Arc<OffsetTracker>,
 }
 
 impl IngestContext {
-    /// A context reporting into `metrics` and raising `ready` at the first assignment.
-    pub fn new(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Self {
-        IngestContext { metrics, ready }
+    /// A context reporting into `metrics`, raising `ready` at the first assignment, and
+    /// draining `tracker` for revoked partitions.
+    pub fn new(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, tracker: Arc<OffsetTracker>) -> Self {
+        IngestContext {
+            metrics,
+            ready,
+            tracker,
+        }
     }
 }
 
@@ -43,6 +52,37 @@ impl ClientContext for IngestContext {
 }
 
 impl ConsumerContext for IngestContext {
+    /// Before partitions go: wait until their in-flight records are acknowledged (their
+    /// offsets stored), then commit, so the next owner starts right after them.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(partitions) = rebalance else {
+            return;
+        };
+        let revoked: Vec<(String, i32)> = partitions
+            .elements()
+            .iter()
+            .map(|p| (p.topic().to_owned(), p.partition()))
+            .collect();
+        let drained = self.tracker.drain(
+            |(topic, partition)| {
+                revoked
+                    .iter()
+                    .any(|(t, p)| **topic == **t && partition == p)
+            },
+            super::DRAIN_TIMEOUT,
+        );
+        if !drained {
+            tracing::warn!(
+                "Revoked partitions still had unacknowledged output: their input will be read again."
+            );
+        }
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
+            Err(err) => tracing::warn!(error = %err, "Commit before revocation failed."),
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {

@@ -4,19 +4,27 @@
 //! # Delivery (at-least-once)
 //!
 //! Offsets are stored by hand (`enable.auto.offset.store=false`) and committed by the
-//! client every `kafka.commit_interval`. For each input message the consume loop hands
-//! the acknowledgement futures of every record it caused (changes and dead-letter copy)
-//! to the acknowledger, in consumption order. The acknowledger awaits them in that order
-//! and only then stores the message's offset, so a committed offset never runs ahead of
-//! an unacknowledged output. A record that the producer finally fails to deliver stops
-//! the service with an error and its offset is never stored: a restart re-reads it.
+//! client every `kafka.commit_interval`. Each input message is registered in the
+//! [`offsets::OffsetTracker`] with the number of records it caused (changes and
+//! dead-letter copy) before they are sent; the producer's delivery callback
+//! ([`delivery::Acknowledger`]) counts acknowledgements and stores an offset once it and
+//! every earlier message of its partition are fully acknowledged. So a committed offset
+//! never runs ahead of an unacknowledged output. A record the producer finally fails to
+//! deliver stops the service with an error, and its offset is never stored: a restart
+//! re-reads it.
 //!
-//! # Shutdown
+//! # Rebalances and shutdown: draining
 //!
-//! On the shutdown signal: stop fetching, let the acknowledger drain (every in-flight
-//! record acknowledged, its offset stored), commit synchronously, leave the group.
+//! When partitions are revoked, the rebalance callback blocks the consumer (no new
+//! messages) until the revoked partitions have nothing in flight, then commits
+//! synchronously, so their next owner starts exactly after the last acknowledged message.
+//! Shutdown does the same for every partition: stop fetching, flush the producer, drain,
+//! commit, leave the group. A drain that cannot finish within [`DRAIN_TIMEOUT`] abandons
+//! the rest: those offsets are not committed and the messages are read again.
 
 mod consumer;
+mod delivery;
+pub mod offsets;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,13 +32,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use tokio::sync::{mpsc, watch};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::emit::change::SegmentChange;
 use crate::emit::producer::{change_payload, create_producer, dead_letter_headers, send};
 use crate::engine::{Engine, Outcome};
 use crate::event::parse_event;
@@ -39,7 +48,13 @@ use crate::state::new_store;
 use crate::telemetry::{InvalidEventReceived, Metrics};
 use crate::time::wall_clock_now;
 
+use delivery::{Acknowledger, DeliveryFailure, Ticket};
+use offsets::{OffsetTracker, PartitionKey};
+
 pub use consumer::IngestContext;
+
+/// How long a drain (rebalance or shutdown) waits for in-flight records.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -72,21 +87,8 @@ pub struct Started {
     pub metrics: Arc<Metrics>,
 }
 
-/// How many input messages may await acknowledgement before consumption pauses.
-const MAX_IN_FLIGHT_MESSAGES: usize = 50_000;
-
-/// The records one input message caused, awaiting acknowledgement.
-struct AckJob {
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    received: Instant,
-    changes: Vec<DeliveryFuture>,
-    dead_letter: Option<(DeliveryFuture, &'static str)>,
-}
-
-/// Runs the service until `shutdown` completes (or a fatal error). `started` is called
-/// once the HTTP port is bound and the consumer subscribed.
+/// Runs the service until `shutdown` completes (or a delivery fails). `started` is
+/// called once the HTTP port is bound and the consumer subscribed.
 pub async fn run(
     config: Config,
     rules: RuleSet,
@@ -101,11 +103,21 @@ pub async fn run(
         config.time.session_gap.millis(),
     );
     let ready = Arc::new(AtomicBool::new(false));
-    let consumer = Arc::new(consumer::create_consumer(
-        &config,
-        IngestContext::new(metrics.clone(), ready.clone()),
+    let tracker = OffsetTracker::new();
+    let context = IngestContext::new(metrics.clone(), ready.clone(), tracker.clone());
+    let consumer = Arc::new(consumer::create_consumer(&config, context)?);
+    let failure = Arc::new(DeliveryFailure::default());
+    let acknowledger = Acknowledger {
+        tracker: tracker.clone(),
+        consumer: consumer.clone(),
+        metrics: metrics.clone(),
+        failure: failure.clone(),
+    };
+    let producer = Arc::new(create_producer(
+        &config.kafka.brokers,
+        &config.kafka.producer,
+        acknowledger,
     )?);
-    let producer = create_producer(&config.kafka.brokers, &config.kafka.producer)?;
     let topics: Vec<&str> = config
         .kafka
         .input_topics
@@ -151,20 +163,24 @@ pub async fn run(
     });
     tracing::info!(topics = ?config.kafka.input_topics, brokers = %config.kafka.brokers, "Consuming.");
 
-    let (ack_tx, ack_rx) = mpsc::channel(MAX_IN_FLIGHT_MESSAGES);
-    let mut acknowledger = tokio::spawn(acknowledge(ack_rx, consumer.clone(), metrics.clone()));
     let pipeline = Pipeline {
         engine,
         producer: producer.clone(),
+        consumer: consumer.clone(),
+        tracker: tracker.clone(),
         metrics: metrics.clone(),
+        topics: config
+            .kafka
+            .input_topics
+            .iter()
+            .map(|t| Arc::from(t.as_str()))
+            .collect(),
         output_topic: config.kafka.output_topic.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         max_event_bytes: config.limits.max_event_bytes,
     };
-
     tokio::pin!(shutdown);
     let mut changes = Vec::new();
-    let mut outcome = Ok(());
     loop {
         tokio::select! {
             biased;
@@ -172,25 +188,12 @@ pub async fn run(
                 tracing::info!("Shutting down: finishing in-flight work.");
                 break;
             }
-            acked = &mut acknowledger => {
-                // The acknowledger only ends early on a failed delivery: stop, commit nothing more.
-                let _ = stop_http.send(true);
-                let _ = http.await;
-                return acked.unwrap_or(Err(ServiceError::Delivery(KafkaError::Canceled)));
-            }
+            () = failure.notify.notified() => break,
             message = consumer.recv() => match message {
                 Ok(message) => {
-                    let job = pipeline.process(&message, &mut changes).await;
-                    match job {
-                        Ok(job) => {
-                            if ack_tx.send(job).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(err) => {
-                            outcome = Err(ServiceError::Delivery(err));
-                            break;
-                        }
+                    if let Err(err) = pipeline.process(&message, &mut changes).await {
+                        failure.record(err);
+                        break;
                     }
                 }
                 Err(err) => tracing::warn!(error = %err, "Consumer error; continuing."),
@@ -198,15 +201,11 @@ pub async fn run(
         }
     }
 
-    // Drain: every record handed over is acknowledged and its offset stored.
-    drop(ack_tx);
-    let drained = acknowledger
-        .await
-        .unwrap_or(Err(ServiceError::Delivery(KafkaError::Canceled)));
-    if outcome.is_ok() {
-        outcome = drained;
+    // Drain: every acknowledged message's offset stored, then committed.
+    let _ = producer.flush(DRAIN_TIMEOUT);
+    if !tracker.drain(|_| true, DRAIN_TIMEOUT) {
+        tracing::warn!("Some output was not acknowledged in time: its input will be read again.");
     }
-    let _ = producer.flush(Duration::from_secs(10));
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => tracing::info!("Committed final offsets."),
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -218,58 +217,74 @@ pub async fn run(
     let _ = stop_http.send(true);
     let _ = http.await;
     tracing::info!("Stopped.");
-    outcome
+    match failure.get() {
+        Some(err) => Err(ServiceError::Delivery(err)),
+        None => Ok(()),
+    }
 }
 
 /// The per-message work of the consume loop.
 struct Pipeline {
     engine: Engine,
-    producer: FutureProducer,
+    producer: Arc<ThreadedProducer<Acknowledger>>,
+    consumer: Arc<rdkafka::consumer::StreamConsumer<IngestContext>>,
+    tracker: Arc<OffsetTracker>,
     metrics: Arc<Metrics>,
+    /// The input topics, shared by every in-flight record's ticket.
+    topics: Vec<Arc<str>>,
     output_topic: String,
     dead_letter_topic: String,
     max_event_bytes: usize,
 }
 
 impl Pipeline {
-    /// Parses, applies and produces the outputs of one input message.
+    /// Parses, applies and produces the outputs of one input message, registering them in
+    /// the tracker before any can be acknowledged.
     async fn process(
         &self,
         message: &BorrowedMessage<'_>,
-        changes: &mut Vec<crate::emit::change::SegmentChange>,
-    ) -> Result<AckJob, KafkaError> {
+        changes: &mut Vec<SegmentChange>,
+    ) -> Result<(), KafkaError> {
         let received = Instant::now();
         let topic = message.topic();
-        let mut job = AckJob {
-            topic: topic.into(),
-            partition: message.partition(),
-            offset: message.offset(),
-            received,
-            changes: Vec::new(),
-            dead_letter: None,
-        };
+        let topic_name = self
+            .topics
+            .iter()
+            .find(|t| ***t == *topic)
+            .cloned()
+            .unwrap_or_else(|| topic.into());
+        let partition: PartitionKey = (topic_name, message.partition());
+        let offset = message.offset();
         let payload = message.payload().unwrap_or_default();
+        let ticket = |dead_letter| {
+            Box::new(Ticket {
+                partition: partition.clone(),
+                offset,
+                dead_letter,
+            })
+        };
         match parse_event(payload, self.max_event_bytes) {
             Err(rejection) => {
                 InvalidEventReceived {
                     reason: rejection.reason,
                     detail: &rejection.detail,
                     topic,
-                    partition: job.partition,
-                    offset: job.offset,
+                    partition: partition.1,
+                    offset,
                 }
                 .emit(&self.metrics);
-                let headers = dead_letter_headers(&rejection, topic, job.partition, job.offset);
-                let mut record = FutureRecord::<[u8], [u8]>::to(&self.dead_letter_topic)
-                    .payload(payload)
-                    .headers(headers);
+                self.tracker.begin(&partition, offset, 1, received);
+                let headers = dead_letter_headers(&rejection, topic, partition.1, offset);
+                let mut record = BaseRecord::<[u8], [u8], _>::with_opaque_to(
+                    &self.dead_letter_topic,
+                    ticket(Some(rejection.reason.as_str())),
+                )
+                .payload(payload)
+                .headers(headers);
                 if let Some(key) = message.key() {
                     record = record.key(key);
                 }
-                job.dead_letter = Some((
-                    send(&self.producer, record).await?,
-                    rejection.reason.as_str(),
-                ));
+                send(&self.producer, record).await?;
             }
             Ok(event) => {
                 changes.clear();
@@ -284,14 +299,23 @@ impl Pipeline {
                             .inc();
                     }
                 }
+                if let Some(done) =
+                    self.tracker
+                        .begin(&partition, offset, changes.len() as u32, received)
+                {
+                    delivery::store(&self.consumer, &partition, done);
+                }
                 let emitted_at = wall_clock_now();
                 for change in changes.iter() {
                     let (payload, headers) = change_payload(change, emitted_at);
-                    let record = FutureRecord::<[u8], [u8]>::to(&self.output_topic)
-                        .key(change.customer_id.as_bytes())
-                        .payload(&payload)
-                        .headers(headers);
-                    job.changes.push(send(&self.producer, record).await?);
+                    let record = BaseRecord::<[u8], [u8], _>::with_opaque_to(
+                        &self.output_topic,
+                        ticket(None),
+                    )
+                    .key(change.customer_id.as_bytes())
+                    .payload(&payload)
+                    .headers(headers);
+                    send(&self.producer, record).await?;
                     self.metrics
                         .transitions
                         .with_label_values(&[&*change.segment, change.transition.as_str()])
@@ -299,49 +323,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(job)
-    }
-}
-
-/// Awaits each message's records in consumption order, then stores its offset.
-async fn acknowledge(
-    mut jobs: mpsc::Receiver<AckJob>,
-    consumer: Arc<StreamConsumer<IngestContext>>,
-    metrics: Arc<Metrics>,
-) -> Result<(), ServiceError> {
-    while let Some(job) = jobs.recv().await {
-        let produced = !job.changes.is_empty();
-        for delivery in job.changes {
-            delivered(delivery.await)?;
-        }
-        if let Some((delivery, reason)) = job.dead_letter {
-            delivered(delivery.await)?;
-            metrics.dead_letters.with_label_values(&[reason]).inc();
-        }
-        if produced {
-            metrics
-                .event_to_emit
-                .observe(job.received.elapsed().as_secs_f64());
-        }
-        if let Err(err) = consumer.store_offset(&job.topic, job.partition, job.offset) {
-            // The partition was revoked meanwhile: its new owner re-reads from the last commit.
-            tracing::debug!(error = %err, topic = %job.topic, partition = job.partition, "Offset not stored.");
-        }
-    }
-    Ok(())
-}
-
-fn delivered<E>(
-    result: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
-) -> Result<(), ServiceError> {
-    match result {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => {
-            tracing::error!(error = %err, "An output record was not delivered; stopping without committing it.");
-            Err(ServiceError::Delivery(err))
-        }
-        // The producer was dropped with the record in flight.
-        Err(_) => Err(ServiceError::Delivery(KafkaError::Canceled)),
+        Ok(())
     }
 }
 

@@ -1,0 +1,99 @@
+//! The producer's delivery callback: each acknowledgement completes its input message in
+//! the [`OffsetTracker`], and completed offsets are stored on the consumer for the next
+//! commit. A failed delivery is recorded and wakes the consume loop, which stops.
+
+use std::sync::{Arc, Mutex};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use tokio::sync::Notify;
+
+use super::consumer::IngestContext;
+use super::offsets::{OffsetTracker, PartitionKey};
+use crate::telemetry::Metrics;
+
+/// What each produced record carries back to its delivery callback.
+pub struct Ticket {
+    /// The input partition of the message that caused the record.
+    pub partition: PartitionKey,
+    /// That message's offset.
+    pub offset: i64,
+    /// For a dead-letter copy: the rejection reason (for its metric).
+    pub dead_letter: Option<&'static str>,
+}
+
+/// The first delivery failure, and a wake-up for the consume loop.
+#[derive(Default)]
+pub struct DeliveryFailure {
+    error: Mutex<Option<KafkaError>>,
+    /// Notified once when a failure is recorded.
+    pub notify: Notify,
+}
+
+impl DeliveryFailure {
+    /// Records a failure (the first one is kept) and wakes the consume loop.
+    pub fn record(&self, error: KafkaError) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(error);
+            self.notify.notify_one();
+        }
+    }
+
+    /// The recorded failure, if any.
+    pub fn get(&self) -> Option<KafkaError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The producer context: turns acknowledgements into stored offsets.
+pub struct Acknowledger {
+    /// In-flight input messages.
+    pub tracker: Arc<OffsetTracker>,
+    /// Where completed offsets are stored.
+    pub consumer: Arc<StreamConsumer<IngestContext>>,
+    /// Latency and dead-letter counters.
+    pub metrics: Arc<Metrics>,
+    /// Where a failure is reported.
+    pub failure: Arc<DeliveryFailure>,
+}
+
+impl ClientContext for Acknowledger {}
+
+impl ProducerContext for Acknowledger {
+    type DeliveryOpaque = Box<Ticket>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Ticket>) {
+        if let Err((error, _)) = result {
+            tracing::error!(
+                error = %error,
+                topic = %ticket.partition.0,
+                partition = ticket.partition.1,
+                offset = ticket.offset,
+                "An output record was not delivered; stopping without committing its input."
+            );
+            self.failure.record(error.clone());
+            return;
+        }
+        if let Some(reason) = ticket.dead_letter {
+            self.metrics.dead_letters.with_label_values(&[reason]).inc();
+        }
+        let completed = self.tracker.acknowledged(&ticket.partition, ticket.offset);
+        for latency in completed.latencies {
+            self.metrics.event_to_emit.observe(latency.as_secs_f64());
+        }
+        if let Some(offset) = completed.store {
+            store(&self.consumer, &ticket.partition, offset);
+        }
+    }
+}
+
+/// Stores an input offset for the next commit (the next message to read is `offset + 1`).
+pub fn store(consumer: &StreamConsumer<IngestContext>, partition: &PartitionKey, offset: i64) {
+    if let Err(err) = consumer.store_offset(&partition.0, partition.1, offset) {
+        // The partition was revoked meanwhile: its new owner re-reads from the last commit.
+        tracing::debug!(error = %err, topic = %partition.0, partition = partition.1, "Offset not stored.");
+    }
+}

@@ -1,0 +1,222 @@
+//! Which input offsets may be committed: the at-least-once bookkeeping.
+//!
+//! Every input message is registered with the number of records it caused (changes and
+//! dead-letter copy) before they are sent. Each acknowledgement from the brokers counts
+//! one down. Per partition, messages complete in consumption order: an offset becomes
+//! committable only when it and every earlier message of its partition have all their
+//! records acknowledged. A message that caused nothing completes as soon as those before
+//! it have.
+//!
+//! Draining (rebalance, shutdown) waits until the chosen partitions have nothing in
+//! flight. A failed delivery is recorded and never completes, so no later offset of that
+//! partition is committed: a restart re-reads it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A topic and partition.
+pub type PartitionKey = (Arc<str>, i32);
+
+/// One input message with records in flight.
+#[derive(Debug)]
+struct InFlight {
+    offset: i64,
+    outstanding: u32,
+    received: Instant,
+    produced: bool,
+}
+
+/// What completed after an acknowledgement.
+#[derive(Debug, Default, PartialEq)]
+pub struct Completed {
+    /// The offset to store now: the last input message whose records, and all earlier
+    /// ones', are acknowledged.
+    pub store: Option<i64>,
+    /// For each completed message that produced records: time from reading it to now.
+    pub latencies: Vec<Duration>,
+}
+
+/// Input messages in flight, per partition. Shared by the consume loop (which registers),
+/// the producer's delivery callback (which acknowledges) and the rebalance callback (which
+/// drains).
+#[derive(Default)]
+pub struct OffsetTracker {
+    partitions: Mutex<HashMap<PartitionKey, VecDeque<InFlight>>>,
+    drained: Condvar,
+}
+
+impl OffsetTracker {
+    /// A tracker with nothing in flight.
+    pub fn new() -> Arc<Self> {
+        Arc::new(OffsetTracker::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<PartitionKey, VecDeque<InFlight>>> {
+        // A panic elsewhere while holding the lock leaves plain counters behind: still usable.
+        self.partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers input message `offset` of `partition`, which caused `outputs` records.
+    /// Returns the offset to store right away when nothing of the partition is in flight
+    /// and the message caused nothing.
+    pub fn begin(
+        &self,
+        partition: &PartitionKey,
+        offset: i64,
+        outputs: u32,
+        received: Instant,
+    ) -> Option<i64> {
+        let mut partitions = self.lock();
+        let queue = partitions.entry(partition.clone()).or_default();
+        if outputs == 0 && queue.is_empty() {
+            return Some(offset);
+        }
+        queue.push_back(InFlight {
+            offset,
+            outstanding: outputs,
+            received,
+            produced: outputs > 0,
+        });
+        None
+    }
+
+    /// One record caused by input message `offset` of `partition` was acknowledged.
+    pub fn acknowledged(&self, partition: &PartitionKey, offset: i64) -> Completed {
+        let mut partitions = self.lock();
+        let Some(queue) = partitions.get_mut(partition) else {
+            return Completed::default();
+        };
+        // Abandoned by a timed-out drain: nothing to do.
+        let Ok(position) = queue.binary_search_by_key(&offset, |m| m.offset) else {
+            return Completed::default();
+        };
+        let message = &mut queue[position];
+        message.outstanding = message.outstanding.saturating_sub(1);
+        let mut completed = Completed::default();
+        while queue.front().is_some_and(|m| m.outstanding == 0) {
+            let done = queue.pop_front().expect("checked above");
+            completed.store = Some(done.offset);
+            if done.produced {
+                completed.latencies.push(done.received.elapsed());
+            }
+        }
+        if queue.is_empty() {
+            self.drained.notify_all();
+        }
+        completed
+    }
+
+    /// Messages with records in flight, in all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.lock().values().map(VecDeque::len).sum()
+    }
+
+    /// Waits until the partitions chosen by `which` have nothing in flight, at most
+    /// `timeout`. On timeout their in-flight messages are abandoned (their offsets will
+    /// never be stored, so they are read again) and `false` is returned.
+    pub fn drain(&self, which: impl Fn(&PartitionKey) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut partitions = self.lock();
+        loop {
+            if !partitions
+                .iter()
+                .any(|(key, queue)| which(key) && !queue.is_empty())
+            {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                partitions.retain(|key, _| !which(key));
+                return false;
+            }
+            partitions = self
+                .drained
+                .wait_timeout(partitions, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(partition: i32) -> PartitionKey {
+        ("t".into(), partition)
+    }
+
+    #[test]
+    fn an_offset_is_stored_only_when_it_and_all_before_it_are_acknowledged() {
+        let tracker = OffsetTracker::new();
+        let now = Instant::now();
+        assert_eq!(
+            tracker.begin(&key(0), 10, 0, now),
+            Some(10),
+            "nothing in flight: store at once"
+        );
+        assert_eq!(tracker.begin(&key(0), 11, 2, now), None);
+        assert_eq!(tracker.begin(&key(0), 12, 0, now), None, "waits behind 11");
+        assert_eq!(tracker.begin(&key(0), 13, 1, now), None);
+        assert_eq!(
+            tracker.acknowledged(&key(0), 13).store,
+            None,
+            "13 is done but 11 is not"
+        );
+        assert_eq!(
+            tracker.acknowledged(&key(0), 11).store,
+            None,
+            "11 still has one record out"
+        );
+        let completed = tracker.acknowledged(&key(0), 11);
+        assert_eq!(completed.store, Some(13), "11, 12 and 13 complete together");
+        assert_eq!(
+            completed.latencies.len(),
+            2,
+            "11 and 13 produced records; 12 did not"
+        );
+        assert_eq!(tracker.in_flight(), 0);
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let tracker = OffsetTracker::new();
+        let now = Instant::now();
+        tracker.begin(&key(0), 5, 1, now);
+        assert_eq!(
+            tracker.begin(&key(1), 7, 0, now),
+            Some(7),
+            "partition 1 does not wait for 0"
+        );
+    }
+
+    #[test]
+    fn draining_waits_for_acknowledgements_and_abandons_on_timeout() {
+        let tracker = OffsetTracker::new();
+        let now = Instant::now();
+        tracker.begin(&key(0), 1, 1, now);
+        tracker.begin(&key(1), 1, 1, now);
+        let acker = {
+            let tracker = tracker.clone();
+            std::thread::spawn(move || tracker.acknowledged(&key(0), 1))
+        };
+        assert!(
+            tracker.drain(|k| k.1 == 0, Duration::from_secs(10)),
+            "partition 0 drains"
+        );
+        assert_eq!(acker.join().unwrap().store, Some(1));
+        assert!(
+            !tracker.drain(|k| k.1 == 1, Duration::from_millis(20)),
+            "partition 1 never acknowledges"
+        );
+        assert_eq!(tracker.in_flight(), 0, "abandoned");
+        assert_eq!(
+            tracker.acknowledged(&key(1), 1),
+            Completed::default(),
+            "a late acknowledgement is ignored"
+        );
+    }
+}
