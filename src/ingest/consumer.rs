@@ -10,8 +10,9 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::offsets::OffsetTracker;
+use super::offsets::{OffsetTracker, PartitionKey};
 use crate::config::Config;
 use crate::telemetry::Metrics;
 
@@ -63,23 +64,19 @@ impl ConsumerContext for IngestContext {
             .iter()
             .map(|p| (p.topic().to_owned(), p.partition()))
             .collect();
-        let drained = self.tracker.drain(
-            |(topic, partition)| {
-                revoked
-                    .iter()
-                    .any(|(t, p)| **topic == **t && partition == p)
-            },
-            super::DRAIN_TIMEOUT,
-        );
+        let is_revoked = |(topic, partition): &PartitionKey| {
+            revoked
+                .iter()
+                .any(|(t, p)| **topic == **t && partition == p)
+        };
+        let drained = self.tracker.drain(is_revoked, super::DRAIN_TIMEOUT);
         if !drained {
             tracing::warn!(
                 "Revoked partitions still had unacknowledged output: their input will be read again."
             );
         }
-        match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(())
-            | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(err) => tracing::warn!(error = %err, "Commit before revocation failed."),
+        if let Err(err) = commit_released(consumer, &self.tracker, is_revoked) {
+            tracing::warn!(error = %err, "Commit before revocation failed: the next owner re-reads from the last commit.");
         }
     }
 
@@ -124,4 +121,33 @@ pub fn create_consumer(
         client.set(key, value);
     }
     client.create_with_context(context)
+}
+
+/// Commits, synchronously, the offsets completed in order for the partitions chosen by
+/// `which`, and forgets those partitions: the explicit commit of a drain. Returns how
+/// many partitions were committed.
+pub fn commit_released<X: ConsumerContext>(
+    consumer: &impl Consumer<X>,
+    tracker: &OffsetTracker,
+    which: impl Fn(&PartitionKey) -> bool,
+) -> Result<usize, KafkaError> {
+    let released = tracker.release(which);
+    if released.is_empty() {
+        return Ok(0);
+    }
+    let offsets = commit_list(&released);
+    consumer.commit(&offsets, CommitMode::Sync)?;
+    Ok(released.len())
+}
+
+/// The offsets to commit for completed messages: the next message to read in each
+/// partition.
+pub fn commit_list(completed: &[(PartitionKey, i64)]) -> TopicPartitionList {
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), offset) in completed {
+        offsets
+            .add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+            .expect("a plain offset is always accepted");
+    }
+    offsets
 }

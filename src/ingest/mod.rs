@@ -206,13 +206,7 @@ pub async fn run(
     if !tracker.drain(|_| true, DRAIN_TIMEOUT) {
         tracing::warn!("Some output was not acknowledged in time: its input will be read again.");
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("Committed final offsets."),
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(err) => {
-            tracing::warn!(error = %err, "Final commit failed; the group keeps the previous commit.")
-        }
-    }
+    commit_final(&consumer, &tracker).await;
     consumer.unsubscribe();
     let _ = stop_http.send(true);
     let _ = http.await;
@@ -222,6 +216,42 @@ pub async fn run(
         None => Ok(()),
     }
 }
+
+/// The last commit before leaving the group: every partition's completed offset, retried
+/// while the group is rebalancing (another member leaving or joining at the same moment),
+/// polling the consumer meanwhile so that it can rejoin.
+async fn commit_final(
+    consumer: &rdkafka::consumer::StreamConsumer<IngestContext>,
+    tracker: &OffsetTracker,
+) {
+    let released = tracker.release(|_| true);
+    if released.is_empty() {
+        return;
+    }
+    let offsets = consumer::commit_list(&released);
+    for attempt in 1..=COMMIT_ATTEMPTS {
+        match consumer.commit(&offsets, CommitMode::Sync) {
+            Ok(()) => {
+                tracing::info!(partitions = released.len(), "Committed final offsets.");
+                return;
+            }
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RebalanceInProgress | RDKafkaErrorCode::IllegalGeneration,
+            )) if attempt < COMMIT_ATTEMPTS => {
+                // The consumer takes part in a rebalance only when polled. A message read
+                // now is not processed, so its offset is not committed.
+                let _ = tokio::time::timeout(Duration::from_millis(250), consumer.recv()).await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "Final commit failed; the group keeps the previous commit.");
+                return;
+            }
+        }
+    }
+}
+
+/// How often the final commit is tried while the group rebalances.
+const COMMIT_ATTEMPTS: u32 = 20;
 
 /// The per-message work of the consume loop.
 struct Pipeline {

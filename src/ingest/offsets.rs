@@ -37,12 +37,21 @@ pub struct Completed {
     pub latencies: Vec<Duration>,
 }
 
+/// One partition's bookkeeping.
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// Messages with records in flight, in consumption order.
+    in_flight: VecDeque<InFlight>,
+    /// The last message completed in order: what may be committed.
+    completed: Option<i64>,
+}
+
 /// Input messages in flight, per partition. Shared by the consume loop (which registers),
 /// the producer's delivery callback (which acknowledges) and the rebalance callback (which
-/// drains).
+/// drains and commits).
 #[derive(Default)]
 pub struct OffsetTracker {
-    partitions: Mutex<HashMap<PartitionKey, VecDeque<InFlight>>>,
+    partitions: Mutex<HashMap<PartitionKey, PartitionState>>,
     drained: Condvar,
 }
 
@@ -52,7 +61,7 @@ impl OffsetTracker {
         Arc::new(OffsetTracker::default())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<PartitionKey, VecDeque<InFlight>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PartitionKey, PartitionState>> {
         // A panic elsewhere while holding the lock leaves plain counters behind: still usable.
         self.partitions
             .lock()
@@ -70,11 +79,12 @@ impl OffsetTracker {
         received: Instant,
     ) -> Option<i64> {
         let mut partitions = self.lock();
-        let queue = partitions.entry(partition.clone()).or_default();
-        if outputs == 0 && queue.is_empty() {
+        let state = partitions.entry(partition.clone()).or_default();
+        if outputs == 0 && state.in_flight.is_empty() {
+            state.completed = Some(offset);
             return Some(offset);
         }
-        queue.push_back(InFlight {
+        state.in_flight.push_back(InFlight {
             offset,
             outstanding: outputs,
             received,
@@ -86,9 +96,10 @@ impl OffsetTracker {
     /// One record caused by input message `offset` of `partition` was acknowledged.
     pub fn acknowledged(&self, partition: &PartitionKey, offset: i64) -> Completed {
         let mut partitions = self.lock();
-        let Some(queue) = partitions.get_mut(partition) else {
+        let Some(state) = partitions.get_mut(partition) else {
             return Completed::default();
         };
+        let queue = &mut state.in_flight;
         // Abandoned by a timed-out drain: nothing to do.
         let Ok(position) = queue.binary_search_by_key(&offset, |m| m.offset) else {
             return Completed::default();
@@ -103,7 +114,10 @@ impl OffsetTracker {
                 completed.latencies.push(done.received.elapsed());
             }
         }
-        if queue.is_empty() {
+        if completed.store.is_some() {
+            state.completed = completed.store;
+        }
+        if state.in_flight.is_empty() {
             self.drained.notify_all();
         }
         completed
@@ -111,25 +125,30 @@ impl OffsetTracker {
 
     /// Messages with records in flight, in all partitions.
     pub fn in_flight(&self) -> usize {
-        self.lock().values().map(VecDeque::len).sum()
+        self.lock()
+            .values()
+            .map(|state| state.in_flight.len())
+            .sum()
     }
 
     /// Waits until the partitions chosen by `which` have nothing in flight, at most
     /// `timeout`. On timeout their in-flight messages are abandoned (their offsets will
-    /// never be stored, so they are read again) and `false` is returned.
+    /// never be committed, so they are read again) and `false` is returned.
     pub fn drain(&self, which: impl Fn(&PartitionKey) -> bool, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut partitions = self.lock();
         loop {
             if !partitions
                 .iter()
-                .any(|(key, queue)| which(key) && !queue.is_empty())
+                .any(|(key, state)| which(key) && !state.in_flight.is_empty())
             {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                partitions.retain(|key, _| !which(key));
+                for (_, state) in partitions.iter_mut().filter(|(key, _)| which(key)) {
+                    state.in_flight.clear();
+                }
                 return false;
             }
             partitions = self
@@ -138,6 +157,24 @@ impl OffsetTracker {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Forgets the partitions chosen by `which` (they are leaving this instance) and
+    /// returns, for each, the last offset completed in order: what to commit for it.
+    pub fn release(&self, which: impl Fn(&PartitionKey) -> bool) -> Vec<(PartitionKey, i64)> {
+        let mut partitions = self.lock();
+        let leaving: Vec<PartitionKey> = partitions
+            .keys()
+            .filter(|key| which(key))
+            .cloned()
+            .collect();
+        leaving
+            .into_iter()
+            .filter_map(|key| {
+                let state = partitions.remove(&key)?;
+                state.completed.map(|offset| (key, offset))
+            })
+            .collect()
     }
 }
 
@@ -218,5 +255,21 @@ mod tests {
             Completed::default(),
             "a late acknowledgement is ignored"
         );
+    }
+
+    #[test]
+    fn releasing_partitions_reports_what_to_commit_and_forgets_them() {
+        let tracker = OffsetTracker::new();
+        let now = Instant::now();
+        tracker.begin(&key(0), 3, 0, now);
+        tracker.begin(&key(0), 4, 1, now);
+        tracker.begin(&key(1), 9, 0, now);
+        assert_eq!(
+            tracker.release(|k| k.1 == 0),
+            vec![(key(0), 3)],
+            "4 is not acknowledged: commit up to 3"
+        );
+        assert_eq!(tracker.release(|k| k.1 == 0), vec![], "forgotten");
+        assert_eq!(tracker.release(|_| true), vec![(key(1), 9)]);
     }
 }

@@ -71,6 +71,14 @@ impl Service {
         }
     }
 
+    /// Waits for the service to end on its own (an error), without signalling shutdown.
+    pub async fn stopped(self) -> Result<(), segmentd::ingest::ServiceError> {
+        let Service { stop, task, .. } = self;
+        let result = task.await.expect("no panic");
+        drop(stop);
+        result
+    }
+
     /// Signals shutdown and returns how the service ended.
     pub async fn stop(self) -> Result<(), segmentd::ingest::ServiceError> {
         let _ = self.stop.send(());

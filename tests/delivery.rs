@@ -1,0 +1,198 @@
+//! At-least-once delivery under faults, against the embedded broker: a change that cannot
+//! be delivered stops the service without committing its input, and a rebalance between
+//! two instances drains and commits before partitions move.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Service, http_get, produce, producer, read_records, test_config, wait_for};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::{MockCluster, MockCoordinator};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+const INPUT: &str = "clickstream";
+const OUTPUT: &str = "segment-changes";
+const DEAD: &str = "segmentd-dead-letter";
+
+/// The committed offset of `group` on partition 0 of `topic`, if any.
+fn committed(brokers: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    let checker: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let committed = checker
+        .committed_offsets(list, Duration::from_secs(10))
+        .ok()?;
+    match committed.elements().first()?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
+fn cart_event(n: usize) -> String {
+    std::fs::read_to_string("tests/golden/cart_exit_intent_abandoned_product/events.jsonl")
+        .unwrap()
+        .lines()
+        .nth(n)
+        .unwrap()
+        .to_owned()
+}
+
+/// Proves "commit after delivery": while the output topic's broker is down, the change an
+/// input message causes cannot be delivered; the service stops with a delivery error and
+/// the group's committed offset stays before that message, so a restart reads it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_change_stops_the_service_without_committing_its_input() {
+    let mock = MockCluster::new(2).expect("embedded brokers");
+    let brokers = mock.bootstrap_servers();
+    let group = "undeliverable";
+    mock.create_topic(INPUT, 1, 1).unwrap();
+    mock.create_topic(OUTPUT, 1, 1).unwrap();
+    mock.create_topic(DEAD, 1, 1).unwrap();
+    // Input, dead letters and the group on broker 1; output alone on broker 2.
+    mock.partition_leader(INPUT, 0, Some(1)).unwrap();
+    mock.partition_leader(DEAD, 0, Some(1)).unwrap();
+    mock.partition_leader(OUTPUT, 0, Some(2)).unwrap();
+    mock.coordinator(MockCoordinator::Group(group.into()), 1)
+        .unwrap();
+
+    let mut config = test_config(&brokers, INPUT, group);
+    config
+        .kafka
+        .producer
+        .insert("message.timeout.ms".into(), "3000".into());
+    let service = Service::start(config).await;
+    wait_for("readiness", Duration::from_secs(30), async || {
+        (http_get(service.http, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+
+    // add_to_cart, then exit_intent: one change, delivered; offsets 0 and 1 committed.
+    let producer = producer(&brokers);
+    for n in 0..2 {
+        produce(&producer, INPUT, Some("c-10"), cart_event(n).as_bytes()).await;
+    }
+    read_records(&brokers, OUTPUT, 1, Duration::from_secs(30)).await;
+    wait_for("offset 2 committed", Duration::from_secs(30), async || {
+        (committed(&brokers, group, INPUT, 0) == Some(2)).then_some(())
+    })
+    .await;
+
+    // The output's broker goes down; the next event causes two changes that cannot go out.
+    mock.broker_down(2).unwrap();
+    produce(&producer, INPUT, Some("c-10"), cart_event(2).as_bytes()).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(60), service.stopped())
+        .await
+        .expect("the service stops");
+    let err = outcome.expect_err("a delivery failure is an error");
+    assert!(
+        err.to_string().contains("delivery to the brokers failed"),
+        "{err}"
+    );
+    assert_eq!(
+        committed(&brokers, group, INPUT, 0),
+        Some(2),
+        "the undelivered input is not committed"
+    );
+}
+
+/// Proves that a rebalance loses nothing: a second instance joins the group while events
+/// flow; the first drains and commits its revoked partitions before they move; in the end
+/// the group's committed offsets are the end of every partition and both instances
+/// counted rebalances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_drains_and_commits_before_partitions_move() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
+    let mock = MockCluster::new(1).expect("embedded broker");
+    let brokers = mock.bootstrap_servers();
+    let group = "rebalance";
+    for topic in [INPUT, OUTPUT, DEAD] {
+        mock.create_topic(topic, 4, 1).unwrap();
+    }
+    // Short session timeouts: the embedded broker waits that long for members to rejoin.
+    let config = || {
+        let mut config = test_config(&brokers, INPUT, group);
+        config
+            .kafka
+            .consumer
+            .insert("session.timeout.ms".into(), "6000".into());
+        config
+            .kafka
+            .consumer
+            .insert("heartbeat.interval.ms".into(), "500".into());
+        config
+    };
+    let first = Service::start(config()).await;
+    wait_for(
+        "the first instance ready",
+        Duration::from_secs(30),
+        async || (http_get(first.http, "/readyz").await.0 == 200).then_some(()),
+    )
+    .await;
+
+    let producer = producer(&brokers);
+    let mut produced = 0i64;
+    let send_batch = async |from: i64, count: i64| {
+        for i in from..from + count {
+            let event = format!(
+                r#"{{"event_id":"r-{i}","type":"add_to_cart","customer_id":"c-{}","ts":{},"properties":{{"product_id":"p-{i}","price":1}}}}"#,
+                i % 40,
+                1_767_225_600_000 + i * 1_000
+            );
+            produce(
+                &producer,
+                INPUT,
+                Some(&format!("c-{}", i % 40)),
+                event.as_bytes(),
+            )
+            .await;
+        }
+        count
+    };
+    produced += send_batch(0, 200).await;
+    let second = Service::start(config()).await;
+    produced += send_batch(200, 200).await;
+    wait_for(
+        "both instances own partitions",
+        Duration::from_secs(60),
+        async || {
+            let (a, b) = (
+                http_get(first.http, "/readyz").await.0,
+                http_get(second.http, "/readyz").await.0,
+            );
+            let moved = first.metrics.rebalances.get() >= 2;
+            (a == 200 && b == 200 && moved).then_some(())
+        },
+    )
+    .await;
+    produced += send_batch(400, 200).await;
+
+    // Everything consumed by one instance or the other, then both stop cleanly.
+    wait_for("all events applied", Duration::from_secs(60), async || {
+        let applied: u64 = [&first, &second]
+            .iter()
+            .map(|s| {
+                s.metrics
+                    .events
+                    .with_label_values(&[INPUT, "add_to_cart"])
+                    .get()
+            })
+            .sum();
+        (applied as i64 >= produced).then_some(())
+    })
+    .await;
+    second.stop().await.expect("the second stops cleanly");
+    first.stop().await.expect("the first stops cleanly");
+    let total: i64 = (0..4)
+        .map(|p| committed(&brokers, group, INPUT, p).unwrap_or(0))
+        .sum();
+    assert_eq!(total, produced, "every partition committed to its end");
+}
