@@ -469,6 +469,39 @@ mod tests {
         assert_ne!(a.dedup_key, 0);
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes never panic the parser: each message parses or is rejected.
+        #[test]
+        fn arbitrary_bytes_are_parsed_or_rejected(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_event(&bytes, LIMIT);
+        }
+
+        /// Objects with the right keys holding values of any JSON type never panic the
+        /// parser, and a rejection always says which field is wrong.
+        #[test]
+        fn any_value_in_any_known_field_is_parsed_or_rejected(
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "type", "customer_id", "ts", "event_id", "session_id", "properties", "context",
+                        "traits", "userId", "anonymousId", "messageId", "timestamp", "event",
+                    ]),
+                    proptest::sample::select(vec![
+                        "null", "true", "-1", "1e400", "0", "1.5", "\"\"", "\"x\"", "\"2026-01-01T00:00:00Z\"",
+                        "[]", "[1]", "{}", "{\"items\": 3}", "{\"revenue\": \"9\"}", "{\"products\": [{}]}",
+                    ]),
+                ),
+                0..8,
+            )
+        ) {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+            let payload = format!("{{{}}}", body.join(", "));
+            if let Err(err) = parse_event(payload.as_bytes(), LIMIT) {
+                proptest::prop_assert!(!err.detail.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn stable_hash_is_deterministic_and_distinguishes_ids() {
         assert_eq!(stable_hash(b"e-1"), stable_hash(b"e-1"));
