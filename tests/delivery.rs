@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use segmentd::config::SegmentConfig;
+
 use common::{Service, http_get, produce, producer, read_records, test_config, wait_for};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -102,9 +104,9 @@ async fn an_undeliverable_change_stops_the_service_without_committing_its_input(
 }
 
 /// Proves that a rebalance loses nothing: a second instance joins the group while events
-/// flow; the first drains and commits its revoked partitions before they move; in the end
-/// the group's committed offsets are the end of every partition and both instances
-/// counted rebalances.
+/// flow, each causing a change; the first drains and commits its revoked partitions before
+/// they move; in the end the group's committed offsets are the end of every partition and
+/// every event's change reached the output topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_drains_and_commits_before_partitions_move() {
     let _ = tracing_subscriber::fmt()
@@ -118,8 +120,16 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
         mock.create_topic(topic, 4, 1).unwrap();
     }
     // Short session timeouts: the embedded broker waits that long for members to rejoin.
+    // A segment that every event toggles, so each input message has output in flight
+    // when partitions are revoked.
     let config = || {
         let mut config = test_config(&brokers, INPUT, group);
+        config.segments = vec![SegmentConfig {
+            id: "more_views_than_searches".into(),
+            description: None,
+            enter: "count(page_view) > count(search)".into(),
+            exit: None,
+        }];
         config
             .kafka
             .consumer
@@ -143,7 +153,12 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
     let send_batch = async |from: i64, count: i64| {
         for i in from..from + count {
             let event = format!(
-                r#"{{"event_id":"r-{i}","type":"add_to_cart","customer_id":"c-{}","ts":{},"properties":{{"product_id":"p-{i}","price":1}}}}"#,
+                r#"{{"event_id":"r-{i}","type":"{}","customer_id":"c-{}","ts":{}}}"#,
+                if (i / 40) % 2 == 0 {
+                    "page_view"
+                } else {
+                    "search"
+                },
                 i % 40,
                 1_767_225_600_000 + i * 1_000
             );
@@ -182,8 +197,9 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
             .map(|s| {
                 s.metrics
                     .events
-                    .with_label_values(&[INPUT, "add_to_cart"])
+                    .with_label_values(&[INPUT, "page_view"])
                     .get()
+                    + s.metrics.events.with_label_values(&[INPUT, "search"]).get()
             })
             .sum();
         (applied as i64 >= produced).then_some(())
@@ -191,6 +207,22 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
     .await;
     second.stop().await.expect("the second stops cleanly");
     first.stop().await.expect("the first stops cleanly");
+    let changes: i64 = (0..4)
+        .map(|p| {
+            let checker: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+            let (low, high) = checker
+                .fetch_watermarks(OUTPUT, p, Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum();
+    assert!(
+        changes >= produced,
+        "every event's change was published at least once: {changes} < {produced}"
+    );
     let total: i64 = (0..4)
         .map(|p| committed(&brokers, group, INPUT, p).unwrap_or(0))
         .sum();
