@@ -6,35 +6,16 @@ mod common;
 
 use std::time::Duration;
 
-use segmentd::config::SegmentConfig;
-
-use common::{Service, http_get, produce, producer, read_records, test_config, wait_for};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use common::{
+    Service, committed_offset, http_get, partition_size, produce, producer, read_records,
+    test_config, wait_for,
+};
 use rdkafka::mocking::{MockCluster, MockCoordinator};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use segmentd::config::SegmentConfig;
 
 const INPUT: &str = "clickstream";
 const OUTPUT: &str = "segment-changes";
 const DEAD: &str = "segmentd-dead-letter";
-
-/// The committed offset of `group` on partition 0 of `topic`, if any.
-fn committed(brokers: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
-    let checker: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
-    let committed = checker
-        .committed_offsets(list, Duration::from_secs(10))
-        .ok()?;
-    match committed.elements().first()?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
-}
 
 fn cart_event(n: usize) -> String {
     std::fs::read_to_string("tests/golden/cart_exit_intent_abandoned_product/events.jsonl")
@@ -81,7 +62,7 @@ async fn an_undeliverable_change_stops_the_service_without_committing_its_input(
     }
     read_records(&brokers, OUTPUT, 1, Duration::from_secs(30)).await;
     wait_for("offset 2 committed", Duration::from_secs(30), async || {
-        (committed(&brokers, group, INPUT, 0) == Some(2)).then_some(())
+        (committed_offset(&brokers, group, INPUT, 0) == Some(2)).then_some(())
     })
     .await;
 
@@ -97,7 +78,7 @@ async fn an_undeliverable_change_stops_the_service_without_committing_its_input(
         "{err}"
     );
     assert_eq!(
-        committed(&brokers, group, INPUT, 0),
+        committed_offset(&brokers, group, INPUT, 0),
         Some(2),
         "the undelivered input is not committed"
     );
@@ -207,24 +188,13 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
     .await;
     second.stop().await.expect("the second stops cleanly");
     first.stop().await.expect("the first stops cleanly");
-    let changes: i64 = (0..4)
-        .map(|p| {
-            let checker: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .create()
-                .unwrap();
-            let (low, high) = checker
-                .fetch_watermarks(OUTPUT, p, Duration::from_secs(10))
-                .unwrap();
-            high - low
-        })
-        .sum();
+    let changes: i64 = (0..4).map(|p| partition_size(&brokers, OUTPUT, p)).sum();
     assert!(
         changes >= produced,
         "every event's change was published at least once: {changes} < {produced}"
     );
     let total: i64 = (0..4)
-        .map(|p| committed(&brokers, group, INPUT, p).unwrap_or(0))
+        .map(|p| committed_offset(&brokers, group, INPUT, p).unwrap_or(0))
         .sum();
     assert_eq!(total, produced, "every partition committed to its end");
 }

@@ -425,38 +425,55 @@ pub fn check_dead_letters(records: &[Record], source_topic: &str) {
     }
 }
 
-/// Asserts that `group` committed every partition of `topic` to its end, and that the
-/// partitions hold `produced` messages in all.
-pub fn check_committed(brokers: &str, group: &str, topic: &str, partitions: i32, produced: i64) {
+/// The offset `group` committed on one partition of `topic`, if any.
+pub fn committed_offset(brokers: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
     let checker: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .create()
         .unwrap();
     let mut list = TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
+    list.add_partition(topic, partition);
     let committed = checker
         .committed_offsets(list, Duration::from_secs(10))
+        .ok()?;
+    match committed.elements().first()?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
+/// The low and high watermarks of one partition of `topic`.
+pub fn watermarks(brokers: &str, topic: &str, partition: i32) -> (i64, i64) {
+    let checker: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
         .unwrap();
+    checker
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .unwrap()
+}
+
+/// How many messages one partition of `topic` holds.
+pub fn partition_size(brokers: &str, topic: &str, partition: i32) -> i64 {
+    let (low, high) = watermarks(brokers, topic, partition);
+    high - low
+}
+
+/// Asserts that `group` committed every partition of `topic` to its end, and that the
+/// partitions hold `produced` messages in all.
+pub fn check_committed(brokers: &str, group: &str, topic: &str, partitions: i32, produced: i64) {
     let mut total = 0;
-    for element in committed.elements() {
-        let (low, high) = checker
-            .fetch_watermarks(topic, element.partition(), Duration::from_secs(10))
-            .unwrap();
+    for partition in 0..partitions {
+        let (low, high) = watermarks(brokers, topic, partition);
         total += high - low;
         if high == 0 {
             continue; // no message was keyed to this partition
         }
-        let Offset::Offset(offset) = element.offset() else {
-            panic!("no commit for partition {}", element.partition())
-        };
         assert_eq!(
-            offset,
-            high,
-            "partition {} committed to its end",
-            element.partition()
+            committed_offset(brokers, group, topic, partition),
+            Some(high),
+            "partition {partition} committed to its end"
         );
     }
     assert_eq!(total, produced, "every produced message is in the topic");
