@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::engine::Engine;
 use crate::event::MAX_CUSTOMER_ID_BYTES;
@@ -43,12 +44,40 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` (port 0 picks a free port); the bound address is returned with the
-/// listener so callers can print or test it.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+/// A running HTTP server.
+pub struct HttpServer {
+    /// The bound address (port 0 in the config picks a free port).
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    /// Stops accepting, finishes in-flight requests and waits for the server to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` and serves the routes until [`HttpServer::stop`].
+pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<HttpServer> {
     let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    Ok((listener, bound))
+    let addr = listener.local_addr()?;
+    let (stop, mut stopped) = watch::channel(false);
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        let until_stopped = async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        };
+        if let Err(err) = axum::serve(listener, app)
+            .with_graceful_shutdown(until_stopped)
+            .await
+        {
+            tracing::error!(error = %err, "HTTP server failed.");
+        }
+    });
+    Ok(HttpServer { addr, stop, task })
 }
 
 fn error(status: StatusCode, body: Value) -> Response {

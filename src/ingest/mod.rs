@@ -36,7 +36,6 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::emit::change::SegmentChange;
@@ -126,36 +125,27 @@ pub async fn run(
         .collect();
     consumer.subscribe(&topics)?;
 
-    let (listener, http_addr) = crate::http::bind(config.http.listen)
-        .await
-        .map_err(|source| ServiceError::Http {
-            addr: config.http.listen,
-            source,
-        })?;
-    let (stop_http, mut http_stopped) = watch::channel(false);
     let queue_producer = producer.clone();
     let queue_metrics = metrics.clone();
-    let app = crate::http::router(crate::http::AppState {
-        engine: engine.clone(),
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        on_scrape: Arc::new(move || {
-            queue_metrics
-                .producer_queue
-                .set(i64::from(queue_producer.in_flight_count()))
-        }),
-    });
-    let http = tokio::spawn(async move {
-        let stop = async move {
-            let _ = http_stopped.wait_for(|stopped| *stopped).await;
-        };
-        if let Err(err) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %err, "HTTP server failed.");
-        }
-    });
+    let http = crate::http::serve(
+        config.http.listen,
+        crate::http::AppState {
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            on_scrape: Arc::new(move || {
+                queue_metrics
+                    .producer_queue
+                    .set(i64::from(queue_producer.in_flight_count()))
+            }),
+        },
+    )
+    .await
+    .map_err(|source| ServiceError::Http {
+        addr: config.http.listen,
+        source,
+    })?;
+    let http_addr = http.addr;
     started(&Started {
         http_addr,
         engine: engine.clone(),
@@ -201,15 +191,23 @@ pub async fn run(
         }
     }
 
-    // Drain: every acknowledged message's offset stored, then committed.
-    let _ = producer.flush(DRAIN_TIMEOUT);
-    if !tracker.drain(|_| true, DRAIN_TIMEOUT) {
+    // Drain: every acknowledged message's offset stored, then committed. Flushing and
+    // waiting block, so they run off the async workers.
+    let drained = tokio::task::spawn_blocking({
+        let (producer, tracker) = (producer.clone(), tracker.clone());
+        move || {
+            let _ = producer.flush(DRAIN_TIMEOUT);
+            tracker.drain(|_| true, DRAIN_TIMEOUT)
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if !drained {
         tracing::warn!("Some output was not acknowledged in time: its input will be read again.");
     }
     commit_final(&consumer, &tracker).await;
     consumer.unsubscribe();
-    let _ = stop_http.send(true);
-    let _ = http.await;
+    http.stop().await;
     tracing::info!("Stopped.");
     match failure.get() {
         Some(err) => Err(ServiceError::Delivery(err)),
