@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use prometheus::IntCounter;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -153,18 +154,19 @@ pub async fn run(
     });
     tracing::info!(topics = ?config.kafka.input_topics, brokers = %config.kafka.brokers, "Consuming.");
 
+    let topics = config
+        .kafka
+        .input_topics
+        .iter()
+        .map(|t| InputTopic::new(t, &metrics, engine.rules()))
+        .collect();
     let pipeline = Pipeline {
         engine,
         producer: producer.clone(),
         consumer: consumer.clone(),
         tracker: tracker.clone(),
         metrics: metrics.clone(),
-        topics: config
-            .kafka
-            .input_topics
-            .iter()
-            .map(|t| Arc::from(t.as_str()))
-            .collect(),
+        topics,
         output_topic: config.kafka.output_topic.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         max_event_bytes: config.limits.max_event_bytes,
@@ -258,11 +260,34 @@ struct Pipeline {
     consumer: Arc<rdkafka::consumer::StreamConsumer<IngestContext>>,
     tracker: Arc<OffsetTracker>,
     metrics: Arc<Metrics>,
-    /// The input topics, shared by every in-flight record's ticket.
-    topics: Vec<Arc<str>>,
+    /// The input topics, with their per-event-type counters.
+    topics: Vec<InputTopic>,
     output_topic: String,
     dead_letter_topic: String,
     max_event_bytes: usize,
+}
+
+/// An input topic: its name, shared by every in-flight record's ticket, and its
+/// `segmentd_events_total` counter per event type id, resolved once instead of per event.
+struct InputTopic {
+    name: Arc<str>,
+    events: Vec<IntCounter>,
+}
+
+impl InputTopic {
+    fn new(name: &str, metrics: &Metrics, rules: &RuleSet) -> Self {
+        let events = (0..rules.types.len())
+            .map(|t| {
+                metrics
+                    .events
+                    .with_label_values(&[name, rules.types.name(t as u16)])
+            })
+            .collect();
+        InputTopic {
+            name: name.into(),
+            events,
+        }
+    }
 }
 
 impl Pipeline {
@@ -275,12 +300,8 @@ impl Pipeline {
     ) -> Result<(), KafkaError> {
         let received = Instant::now();
         let topic = message.topic();
-        let topic_name = self
-            .topics
-            .iter()
-            .find(|t| ***t == *topic)
-            .cloned()
-            .unwrap_or_else(|| topic.into());
+        let input = self.topics.iter().find(|t| *t.name == *topic);
+        let topic_name = input.map_or_else(|| Arc::from(topic), |t| t.name.clone());
         let partition: PartitionKey = (topic_name, message.partition());
         let offset = message.offset();
         let payload = message.payload().unwrap_or_default();
@@ -319,12 +340,14 @@ impl Pipeline {
                 match self.engine.apply(&event, changes) {
                     Outcome::Duplicate => self.metrics.events_duplicate.inc(),
                     Outcome::Applied => {
-                        let rules = self.engine.rules();
-                        let type_label = rules.types.name(rules.types.id_of(&event.event_type));
-                        self.metrics
-                            .events
-                            .with_label_values(&[topic, type_label])
-                            .inc();
+                        let type_id = self.engine.rules().types.id_of(&event.event_type);
+                        match input {
+                            Some(input) => input.events[usize::from(type_id)].inc(),
+                            None => {
+                                let name = self.engine.rules().types.name(type_id);
+                                self.metrics.events.with_label_values(&[topic, name]).inc();
+                            }
+                        }
                     }
                 }
                 if let Some(done) =
