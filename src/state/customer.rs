@@ -9,6 +9,13 @@ use crate::time::{Millis, format_timestamp};
 
 /// How many recent event ids a customer remembers to recognise a replayed event.
 pub const RECENT_EVENT_IDS: usize = 16;
+/// Most distinct products a cart holds; adding another product to a full cart is
+/// ignored. Bounds memory and the size of output records whatever the input.
+pub const MAX_CART_LINES: usize = 200;
+/// Most distinct keys kept in `traits` and in `context`; new keys beyond are ignored.
+pub const MAX_PROPS: usize = 64;
+/// Most categories counted for interest; new categories beyond are ignored.
+pub const MAX_CATEGORIES: usize = 64;
 
 /// Everything segmentd knows about one customer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -145,7 +152,7 @@ impl CustomerState {
 
         self.update_session(event, session_gap);
         for (key, value) in &event.context {
-            upsert(&mut self.context, key, value);
+            remember(&mut self.context, key, value);
         }
         match &*event.event_type {
             "add_to_cart" => self.add_to_cart(event),
@@ -154,7 +161,7 @@ impl CustomerState {
             "refund" => self.customer.revenue -= event.revenue.unwrap_or(0.0),
             "identify" => {
                 for (key, value) in &event.traits {
-                    upsert(&mut self.traits, key, value);
+                    remember(&mut self.traits, key, value);
                 }
             }
             _ => {}
@@ -187,17 +194,14 @@ impl CustomerState {
 
     fn add_to_cart(&mut self, event: &Event) {
         let Ok(line) = product_of(event) else { return };
-        match self
-            .cart
-            .lines
-            .iter_mut()
-            .find(|l| l.product_id == line.product_id)
-        {
-            Some(existing) => {
-                existing.quantity += line.quantity;
-                existing.price = line.price;
+        let lines = &mut self.cart.lines;
+        match lines.iter().position(|l| l.product_id == line.product_id) {
+            Some(pos) => {
+                lines[pos].quantity += line.quantity;
+                lines[pos].price = line.price;
             }
-            None => self.cart.lines.push(line),
+            None if lines.len() < MAX_CART_LINES => lines.push(line),
+            None => return,
         }
         self.touch_cart(event.ts);
     }
@@ -240,9 +244,12 @@ impl CustomerState {
     }
 
     fn note_category(&mut self, category: &str) {
-        match self.categories.iter_mut().find(|(c, _)| &**c == category) {
-            Some(entry) => entry.1 = entry.1.saturating_add(1),
-            None => self.categories.push((category.into(), 1)),
+        match self.categories.iter().position(|(c, _)| &**c == category) {
+            Some(pos) => self.categories[pos].1 = self.categories[pos].1.saturating_add(1),
+            None if self.categories.len() < MAX_CATEGORIES => {
+                self.categories.push((category.into(), 1))
+            }
+            None => {}
         }
     }
 
@@ -293,6 +300,13 @@ impl CustomerState {
                 self.categories.iter().map(|(k, n)| (k.to_string(), json!(n))).collect()
             ),
         })
+    }
+}
+
+/// Sets a trait or context key, ignoring new keys once [`MAX_PROPS`] are kept.
+fn remember(props: &mut Props, key: &str, value: &crate::event::PropValue) {
+    if props.len() < MAX_PROPS || lookup(props, key).is_some() {
+        upsert(props, key, value);
     }
 }
 
@@ -372,6 +386,36 @@ mod tests {
         assert_eq!(state.customer.revenue, 15.0);
         assert_eq!(state.customer.last_purchase_at, Some(4000));
         assert_eq!(state.categories, vec![("shoes".into(), 1)]);
+    }
+
+    #[test]
+    fn carts_traits_and_context_stay_bounded_under_hostile_input() {
+        let mut state = CustomerState::default();
+        for i in 0..(MAX_CART_LINES + 50) {
+            state.apply_builtin(
+                &event(&format!(
+                    r#"{{"type":"add_to_cart","customer_id":"c","ts":{i},"properties":{{"product_id":"p-{i}","price":1,"category":"k{i}"}},
+                        "context":{{"key{i}":"v"}}}}"#
+                )),
+                MINUTE,
+            );
+        }
+        assert_eq!(state.cart.lines.len(), MAX_CART_LINES);
+        assert_eq!(state.context.len(), MAX_PROPS);
+        assert_eq!(state.categories.len(), MAX_CATEGORIES);
+        assert_eq!(
+            state.cart.updated_at,
+            Some(MAX_CART_LINES as i64 - 1),
+            "ignored adds do not touch the cart"
+        );
+        state.apply_builtin(
+            &event(r#"{"type":"add_to_cart","customer_id":"c","ts":9999,"properties":{"product_id":"p-0","price":1}}"#),
+            MINUTE,
+        );
+        assert_eq!(
+            state.cart.lines[0].quantity, 2.0,
+            "a product already in a full cart still counts"
+        );
     }
 
     #[test]
