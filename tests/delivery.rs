@@ -198,3 +198,52 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
         .sum();
     assert_eq!(total, produced, "every partition committed to its end");
 }
+
+/// Proves that one message too large for the producer cannot stop a partition: its
+/// dead-letter copy is cut to `limits.max_event_bytes` and marked with the original size,
+/// and the events after it are processed and committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_to_forward_is_dead_lettered_truncated() {
+    let mock = MockCluster::new(1).expect("embedded broker");
+    let brokers = mock.bootstrap_servers();
+    let group = "too-large";
+    for topic in [INPUT, OUTPUT, DEAD] {
+        mock.create_topic(topic, 1, 1).unwrap();
+    }
+    let mut config = test_config(&brokers, INPUT, group);
+    config.limits.max_event_bytes = 1_000;
+    config
+        .kafka
+        .producer
+        .insert("message.max.bytes".into(), "3000".into());
+    let service = Service::start(config).await;
+
+    let producer = producer(&brokers);
+    let huge = format!(
+        r#"{{"type":"page_view","customer_id":"c-10","ts":0,"pad":"{}"}}"#,
+        "x".repeat(10_000)
+    );
+    produce(&producer, INPUT, Some("c-10"), huge.as_bytes()).await;
+    for n in 0..2 {
+        produce(&producer, INPUT, Some("c-10"), cart_event(n).as_bytes()).await;
+    }
+    let dead = read_records(&brokers, DEAD, 1, Duration::from_secs(30)).await;
+    assert_eq!(dead[0].header("reason"), Some("oversized"));
+    assert_eq!(
+        dead[0].header("truncated_from"),
+        Some(huge.len().to_string().as_str())
+    );
+    assert_eq!(
+        dead[0].payload,
+        huge.as_bytes()[..1_000],
+        "the first bytes, untouched"
+    );
+    let changes = read_records(&brokers, OUTPUT, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        changes[0].json()["segment"],
+        "exit_intent_with_cart",
+        "the partition kept flowing"
+    );
+    service.stop().await.expect("a clean shutdown");
+    assert_eq!(committed_offset(&brokers, group, INPUT, 0), Some(3));
+}

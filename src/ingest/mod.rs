@@ -323,17 +323,35 @@ impl Pipeline {
                 }
                 .emit(&self.metrics);
                 self.tracker.begin(&partition, offset, 1, received);
-                let headers = dead_letter_headers(&rejection, topic, partition.1, offset);
-                let mut record = BaseRecord::<[u8], [u8], _>::with_opaque_to(
-                    &self.dead_letter_topic,
-                    ticket(Some(rejection.reason.as_str())),
-                )
-                .payload(payload)
-                .headers(headers);
-                if let Some(key) = message.key() {
-                    record = record.key(key);
+                let reason = rejection.reason.as_str();
+                let full = self
+                    .dead_letter(
+                        message,
+                        payload,
+                        &rejection,
+                        &partition,
+                        ticket(Some(reason)),
+                        None,
+                    )
+                    .await;
+                match full {
+                    // Larger than the producer accepts: forward the first bytes, marked, so
+                    // that one huge message cannot stop the partition.
+                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                        let cut = &payload[..payload.len().min(self.max_event_bytes)];
+                        let ticket = ticket(Some(reason));
+                        self.dead_letter(
+                            message,
+                            cut,
+                            &rejection,
+                            &partition,
+                            ticket,
+                            Some(payload.len()),
+                        )
+                        .await?;
+                    }
+                    other => other?,
                 }
-                send(&self.producer, record).await?;
             }
             Ok(event) => {
                 changes.clear();
@@ -375,6 +393,36 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+    /// Copies a rejected message to the dead-letter topic: its key, `payload` (the
+    /// original, or its first bytes when `truncated_from` gives the original size) and the
+    /// headers that say why and where from.
+    async fn dead_letter(
+        &self,
+        message: &BorrowedMessage<'_>,
+        payload: &[u8],
+        rejection: &crate::event::InvalidEvent,
+        partition: &PartitionKey,
+        ticket: Box<Ticket>,
+        truncated_from: Option<usize>,
+    ) -> Result<(), KafkaError> {
+        let mut headers =
+            dead_letter_headers(rejection, message.topic(), partition.1, message.offset());
+        let original_size = truncated_from.map(|size| size.to_string());
+        if let Some(size) = &original_size {
+            headers = headers.insert(rdkafka::message::Header {
+                key: "truncated_from",
+                value: Some(size.as_bytes()),
+            });
+        }
+        let mut record =
+            BaseRecord::<[u8], [u8], _>::with_opaque_to(&self.dead_letter_topic, ticket)
+                .payload(payload)
+                .headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        send(&self.producer, record).await
     }
 }
 
