@@ -85,7 +85,8 @@ impl Engine {
         if state.check_and_remember(event.dedup_key) {
             return Outcome::Duplicate;
         }
-        let now = if state.customer.events == 0 {
+        let first_event = state.customer.events == 0;
+        let now = if first_event {
             event.ts
         } else {
             event.ts.max(state.customer.last_seen)
@@ -112,14 +113,12 @@ impl Engine {
             event_id: event.event_id.clone(),
             event_type: event.event_type.clone(),
         };
-        self.evaluate(
-            &event.customer_id,
-            state,
-            &rules.eval_plan[usize::from(type_id)],
-            now,
-            &cause,
-            out,
-        );
+        let plan = if first_event {
+            &rules.full_plan
+        } else {
+            &rules.eval_plan[usize::from(type_id)]
+        };
+        self.evaluate(&event.customer_id, state, plan, now, &cause, out);
         Outcome::Applied
     }
 
@@ -274,6 +273,28 @@ mod tests {
             "still true: nothing published"
         );
         assert_eq!(engine.member_counts(), vec![1]);
+    }
+
+    #[test]
+    fn a_rule_true_for_a_customer_without_history_holds_from_the_first_event() {
+        // `traits` only changes on identify, but a new customer has no tier yet.
+        let engine = engine(&[("not_gold", "traits.tier != 'gold'")]);
+        let (_, changes) = apply(&engine, r#"{"type":"page_view","customer_id":"c","ts":1}"#);
+        assert_eq!(
+            changes.len(),
+            1,
+            "entered on the first event, whatever its type"
+        );
+        assert!(
+            apply(&engine, r#"{"type":"page_view","customer_id":"c","ts":2}"#)
+                .1
+                .is_empty()
+        );
+        let (_, changes) = apply(
+            &engine,
+            r#"{"type":"identify","customer_id":"c","ts":3,"traits":{"tier":"gold"}}"#,
+        );
+        assert_eq!(changes[0].transition, Transition::Exited);
     }
 
     #[test]

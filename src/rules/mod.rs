@@ -180,6 +180,9 @@ pub struct RuleSet {
     pub types: TypeRegistry,
     /// Per event type id: the segments to re-evaluate, dependencies first.
     pub eval_plan: Vec<Vec<u16>>,
+    /// Every segment, dependencies first: what a customer's first event evaluates, since
+    /// a rule may already hold for a customer with no history (`traits.tier != 'gold'`).
+    pub full_plan: Vec<u16>,
     /// Per event type id: the slots to feed.
     pub slot_plan: Vec<Vec<u16>>,
     /// `sha256:` of the rule definitions: stamped on every output record.
@@ -273,6 +276,7 @@ impl RuleSet {
             slots,
             types,
             eval_plan,
+            full_plan: order,
             slot_plan,
         })
     }
