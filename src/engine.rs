@@ -234,11 +234,7 @@ mod tests {
     fn engine(defs: &[(&str, &str)]) -> Engine {
         let defs: Vec<SegmentDef> = defs
             .iter()
-            .map(|(id, enter)| SegmentDef {
-                id: (*id).into(),
-                enter: (*enter).into(),
-                ..SegmentDef::default()
-            })
+            .map(|(id, enter)| SegmentDef::new(id, enter))
             .collect();
         Engine::new(
             Arc::new(RuleSet::compile(&defs).unwrap()),

@@ -136,11 +136,7 @@ fn compare(
 fn memberships_match_an_independent_computation() {
     let defs: Vec<SegmentDef> = SEGMENTS
         .iter()
-        .map(|(id, enter)| SegmentDef {
-            id: (*id).into(),
-            enter: (*enter).into(),
-            ..SegmentDef::default()
-        })
+        .map(|(id, enter)| SegmentDef::new(id, enter))
         .collect();
     let engine = Engine::new(
         Arc::new(RuleSet::compile(&defs).unwrap()),

@@ -47,6 +47,18 @@ pub struct SegmentDef {
     pub exit: Option<RuleText>,
 }
 
+impl SegmentDef {
+    /// A segment with only an id and an `enter` rule (no description, no `exit`), as
+    /// tools and tests write them.
+    pub fn new(id: &str, enter: &str) -> Self {
+        SegmentDef {
+            id: id.to_owned(),
+            enter: enter.into(),
+            ..SegmentDef::default()
+        }
+    }
+}
+
 /// A rule's text and where it starts in its file, so errors point into the file.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RuleText {

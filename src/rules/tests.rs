@@ -7,14 +7,6 @@ use super::eval::{Scope, eval};
 use super::*;
 use crate::state::CustomerState;
 
-fn segment(id: &str, enter: &str) -> SegmentDef {
-    SegmentDef {
-        id: id.into(),
-        enter: enter.into(),
-        ..SegmentDef::default()
-    }
-}
-
 fn one_error(defs: &[SegmentDef]) -> RuleError {
     let errors = RuleSet::compile(defs).unwrap_err().0;
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -30,49 +22,49 @@ fn every_spec_example_compiles() {
             exit: Some("sum(purchase.revenue, 90d) < 400".into()),
             ..SegmentDef::default()
         },
-        segment(
+        SegmentDef::new(
             "cart_abandoner",
             "cart.items > 0 and idle(cart.updated_at) >= 30m",
         ),
-        segment(
+        SegmentDef::new(
             "exit_intent_with_cart",
             "within(last(exit_intent), 2m) and cart.value > 0",
         ),
-        segment(
+        SegmentDef::new(
             "browsers_not_buyers",
             "count(product_view, 7d) >= 20 and count(purchase, 30d) == 0",
         ),
-        segment(
+        SegmentDef::new(
             "lapsed_buyer",
             "count(purchase) >= 1 and idle(last(purchase)) > 60d",
         ),
-        segment(
+        SegmentDef::new(
             "vip_mobile_de",
             "in_segment(high_value) and context.device == 'mobile' and context.country == 'DE'",
         ),
-        segment(
+        SegmentDef::new(
             "abandoned_product",
             "not_followed(add_to_cart, purchase, 1h, by = product_id)",
         ),
-        segment("runner", "top(product_view.category, 30d) == 'running'"),
-        segment(
+        SegmentDef::new("runner", "top(product_view.category, 30d) == 'running'"),
+        SegmentDef::new(
             "shoe_fan",
             "count(product_view where category == 'shoes', 7d) >= 3",
         ),
-        segment(
+        SegmentDef::new(
             "big_spender",
             "avg(purchase.revenue) > 100 or max(purchase.revenue, 30d) > 300",
         ),
-        segment("explorer", "distinct(product_view.category, 30d) >= 4"),
-        segment(
+        SegmentDef::new("explorer", "distinct(product_view.category, 30d) >= 4"),
+        SegmentDef::new(
             "engaged",
             "session.page_views >= 5 and customer.events > 10",
         ),
-        segment(
+        SegmentDef::new(
             "b2b",
             "traits.company_size in ['50-200', '200+'] or traits.industry == 'retail'",
         ),
-        segment(
+        SegmentDef::new(
             "loyal",
             "followed(add_to_cart, purchase, 1h) and first(purchase) < customer.last_seen - 30d",
         ),
@@ -90,8 +82,8 @@ fn every_spec_example_compiles() {
     assert!(pos("high_value").unwrap() < pos("vip_mobile_de").unwrap());
     // Equal aggregates share a slot.
     let again = RuleSet::compile(&[
-        segment("a", "count(purchase, 30d) > 1"),
-        segment("b", "count(purchase, 30d) > 2"),
+        SegmentDef::new("a", "count(purchase, 30d) > 1"),
+        SegmentDef::new("b", "count(purchase, 30d) > 2"),
     ])
     .unwrap();
     assert_eq!(again.slots.len(), 1);
@@ -100,9 +92,9 @@ fn every_spec_example_compiles() {
 #[test]
 fn an_event_only_re_evaluates_the_segments_it_can_change() {
     let rules = RuleSet::compile(&[
-        segment("buyer", "count(purchase) >= 1"),
-        segment("carted", "cart.items > 0"),
-        segment("identified", "traits.email != 'x'"),
+        SegmentDef::new("buyer", "count(purchase) >= 1"),
+        SegmentDef::new("carted", "cart.items > 0"),
+        SegmentDef::new("identified", "traits.email != 'x'"),
     ])
     .unwrap();
     let plan_of = |t: &str| -> Vec<&str> {
@@ -119,7 +111,7 @@ fn an_event_only_re_evaluates_the_segments_it_can_change() {
 
 #[test]
 fn an_unknown_name_is_an_error_with_line_and_column() {
-    let err = one_error(&[segment("s", "cart.items > 0 and cart.itemz > 1")]);
+    let err = one_error(&[SegmentDef::new("s", "cart.items > 0 and cart.itemz > 1")]);
     assert_eq!(
         (err.segment.as_str(), err.part, err.line, err.column),
         ("s", RulePart::Enter, 1, 20)
@@ -190,7 +182,9 @@ fn misuse_of_each_construct_is_rejected_precisely() {
         ("cart.items >", "expected"),
     ];
     for (rule, expected) in cases {
-        let errors = RuleSet::compile(&[segment("s", rule)]).unwrap_err().0;
+        let errors = RuleSet::compile(&[SegmentDef::new("s", rule)])
+            .unwrap_err()
+            .0;
         assert!(
             errors[0].message.contains(expected),
             "{rule}: {}",
@@ -202,22 +196,22 @@ fn misuse_of_each_construct_is_rejected_precisely() {
 #[test]
 fn a_cycle_between_segments_is_rejected_naming_them() {
     let err = one_error(&[
-        segment("a", "in_segment(b)"),
-        segment("b", "in_segment(c) or cart.items > 0"),
-        segment("c", "in_segment(a)"),
+        SegmentDef::new("a", "in_segment(b)"),
+        SegmentDef::new("b", "in_segment(c) or cart.items > 0"),
+        SegmentDef::new("c", "in_segment(a)"),
     ]);
     assert!(err.message.contains("a → b → c → a"), "{}", err.message);
-    let err = one_error(&[segment("self_ref", "in_segment(self_ref)")]);
+    let err = one_error(&[SegmentDef::new("self_ref", "in_segment(self_ref)")]);
     assert!(err.message.contains("cycle"), "{}", err.message);
 }
 
 #[test]
 fn bad_and_duplicate_ids_are_rejected_and_all_errors_are_reported() {
     let errors = RuleSet::compile(&[
-        segment("Bad Id", "cart.items > 0"),
-        segment("twice", "cart.items > 0"),
-        segment("twice", "cart.items > 1"),
-        segment("broken", "cart.nope > 0"),
+        SegmentDef::new("Bad Id", "cart.items > 0"),
+        SegmentDef::new("twice", "cart.items > 0"),
+        SegmentDef::new("twice", "cart.items > 1"),
+        SegmentDef::new("broken", "cart.nope > 0"),
     ])
     .unwrap_err()
     .0;
@@ -350,7 +344,8 @@ fn render_b(b: &B, parent: u8, right: bool) -> String {
 }
 
 fn evaluate(text: &str) -> bool {
-    let rules = RuleSet::compile(&[segment("s", text)]).unwrap_or_else(|e| panic!("{text}: {e}"));
+    let rules =
+        RuleSet::compile(&[SegmentDef::new("s", text)]).unwrap_or_else(|e| panic!("{text}: {e}"));
     let state = CustomerState::default();
     eval(
         &rules.segments[0].enter.node,
@@ -375,7 +370,7 @@ proptest! {
     /// Arbitrary text never panics the loader: it compiles or returns located errors.
     #[test]
     fn arbitrary_text_never_panics(text in "[a-z_().,'<>=! 0-9\\[\\]]{0,40}") {
-        if let Err(errors) = RuleSet::compile(&[segment("s", &text)]) {
+        if let Err(errors) = RuleSet::compile(&[SegmentDef::new("s", &text)]) {
             for err in errors.0 {
                 prop_assert!(err.line >= 1 && err.column >= 1);
                 prop_assert!(err.offset <= text.len());
