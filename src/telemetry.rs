@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -49,49 +50,26 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric =
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric names are unique");
-            metric
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric =
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric names are unique");
-            metric
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
-        let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help).expect("valid metric definition");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric names are unique");
-            metric
-        };
-        let gauge = |name: &str, help: &str| {
-            let metric = IntGauge::new(name, help).expect("valid metric definition");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric names are unique");
-            metric
-        };
+        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help));
+        let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help));
         let latency_buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
-        let event_to_emit = Histogram::with_opts(
-            HistogramOpts::new(
-                "segmentd_event_to_emit_seconds",
-                "Seconds from reading an input message to the broker acknowledging the last change it caused.",
-            )
-            .buckets(latency_buckets),
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(event_to_emit.clone()))
-            .expect("metric names are unique");
+        let event_to_emit = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "segmentd_event_to_emit_seconds",
+                    "Seconds from reading an input message to the broker acknowledging the last change it caused.",
+                )
+                .buckets(latency_buckets),
+            ),
+        );
 
         let metrics = Metrics {
             events: counter_vec(
@@ -165,6 +143,19 @@ impl Metrics {
             .expect("encoding into memory cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
+}
+
+/// Registers a freshly defined metric and returns its handle. The definitions are
+/// constants of this file, so a failure is a programming error caught by the tests.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("valid metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
 }
 
 /// An input message was rejected: counted by reason and logged at DEBUG (one per message,
