@@ -229,10 +229,7 @@ fn demo_shows_segment_changes() {
 /// `run` stops on a real SIGTERM: it finishes, commits and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_stops_cleanly_on_sigterm() {
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    for topic in ["clickstream", "segment-changes", "segmentd-dead-letter"] {
-        mock.create_topic(topic, 1, 1).unwrap();
-    }
+    let mock = common::embedded_broker(1, 1);
     let dir = temp_dir("run");
     let config = dir.join("segmentd.toml");
     let reference = std::fs::read_to_string("config/segmentd.toml").unwrap();

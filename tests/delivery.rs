@@ -7,15 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Service, committed_offset, http_get, partition_size, produce, producer, read_records,
-    test_config, wait_for,
+    DEAD, INPUT, OUTPUT, Service, committed_offset, embedded_broker, http_get, partition_size,
+    produce, producer, read_records, test_config, wait_for,
 };
-use rdkafka::mocking::{MockCluster, MockCoordinator};
+use rdkafka::mocking::MockCoordinator;
 use segmentd::config::SegmentConfig;
-
-const INPUT: &str = "clickstream";
-const OUTPUT: &str = "segment-changes";
-const DEAD: &str = "segmentd-dead-letter";
 
 fn cart_event(n: usize) -> String {
     std::fs::read_to_string("tests/golden/cart_exit_intent_abandoned_product/events.jsonl")
@@ -31,12 +27,9 @@ fn cart_event(n: usize) -> String {
 /// the group's committed offset stays before that message, so a restart reads it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undeliverable_change_stops_the_service_without_committing_its_input() {
-    let mock = MockCluster::new(2).expect("embedded brokers");
+    let mock = embedded_broker(2, 1);
     let brokers = mock.bootstrap_servers();
     let group = "undeliverable";
-    mock.create_topic(INPUT, 1, 1).unwrap();
-    mock.create_topic(OUTPUT, 1, 1).unwrap();
-    mock.create_topic(DEAD, 1, 1).unwrap();
     // Input, dead letters and the group on broker 1; output alone on broker 2.
     mock.partition_leader(INPUT, 0, Some(1)).unwrap();
     mock.partition_leader(DEAD, 0, Some(1)).unwrap();
@@ -50,10 +43,7 @@ async fn an_undeliverable_change_stops_the_service_without_committing_its_input(
         .producer
         .insert("message.timeout.ms".into(), "3000".into());
     let service = Service::start(config).await;
-    wait_for("readiness", Duration::from_secs(30), async || {
-        (http_get(service.http, "/readyz").await.0 == 200).then_some(())
-    })
-    .await;
+    service.ready().await;
 
     // add_to_cart, then exit_intent: one change, delivered; offsets 0 and 1 committed.
     let producer = producer(&brokers);
@@ -94,12 +84,9 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
         .with_env_filter("info")
         .with_test_writer()
         .try_init();
-    let mock = MockCluster::new(1).expect("embedded broker");
+    let mock = embedded_broker(1, 4);
     let brokers = mock.bootstrap_servers();
     let group = "rebalance";
-    for topic in [INPUT, OUTPUT, DEAD] {
-        mock.create_topic(topic, 4, 1).unwrap();
-    }
     // Short session timeouts: the embedded broker waits that long for members to rejoin.
     // A segment that every event toggles, so each input message has output in flight
     // when partitions are revoked.
@@ -122,12 +109,7 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
         config
     };
     let first = Service::start(config()).await;
-    wait_for(
-        "the first instance ready",
-        Duration::from_secs(30),
-        async || (http_get(first.http, "/readyz").await.0 == 200).then_some(()),
-    )
-    .await;
+    first.ready().await;
 
     let producer = producer(&brokers);
     let mut produced = 0i64;
@@ -204,12 +186,9 @@ async fn a_rebalance_drains_and_commits_before_partitions_move() {
 /// and the events after it are processed and committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_too_large_to_forward_is_dead_lettered_truncated() {
-    let mock = MockCluster::new(1).expect("embedded broker");
+    let mock = embedded_broker(1, 1);
     let brokers = mock.bootstrap_servers();
     let group = "too-large";
-    for topic in [INPUT, OUTPUT, DEAD] {
-        mock.create_topic(topic, 1, 1).unwrap();
-    }
     let mut config = test_config(&brokers, INPUT, group);
     config.limits.max_event_bytes = 1_000;
     config

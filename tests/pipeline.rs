@@ -6,15 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Service, check_committed, http_get, http_request, producer, read_records, script_round_trip,
-    test_config, wait_for,
+    DEAD, INPUT, OUTPUT, Service, check_committed, embedded_broker, http_get, http_request,
+    producer, read_records, script_round_trip, test_config, wait_for,
 };
-use rdkafka::mocking::MockCluster;
 use serde_json::Value;
-
-const INPUT: &str = "clickstream";
-const OUTPUT: &str = "segment-changes";
-const DEAD: &str = "segmentd-dead-letter";
 
 /// Proves the at-least-once pipeline end to end: the scripted events of the golden cart
 /// case produce exactly the golden changes on the output topic (keyed by customer, with
@@ -24,16 +19,10 @@ const DEAD: &str = "segmentd-dead-letter";
 /// offsets are the end of every input partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_changes_and_dead_letters_out_offsets_committed() {
-    let mock = MockCluster::new(1).expect("embedded broker");
+    let mock = embedded_broker(1, 2);
     let brokers = mock.bootstrap_servers();
-    for topic in [INPUT, OUTPUT, DEAD] {
-        mock.create_topic(topic, 2, 1).expect("topic");
-    }
     let service = Service::start(test_config(&brokers, INPUT, "pipeline-test")).await;
-    wait_for("readiness", Duration::from_secs(30), async || {
-        (http_get(service.http, "/readyz").await.0 == 200).then_some(())
-    })
-    .await;
+    service.ready().await;
 
     let produced = script_round_trip(&brokers, INPUT, OUTPUT, DEAD, Duration::from_secs(30)).await;
 
@@ -147,11 +136,8 @@ async fn run_on_partitions_equals_replay() {
     use segmentd::generate::{Format, Generator, GeneratorConfig};
     use std::collections::BTreeMap;
 
-    let mock = MockCluster::new(1).expect("embedded broker");
+    let mock = embedded_broker(1, 4);
     let brokers = mock.bootstrap_servers();
-    for topic in [INPUT, OUTPUT, DEAD] {
-        mock.create_topic(topic, 4, 1).expect("topic");
-    }
     let config = test_config(&brokers, INPUT, "run-equals-replay");
     let replay = segmentd::engine::Engine::new(
         std::sync::Arc::new(config.rule_set().unwrap()),

@@ -12,15 +12,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{check_committed, http_get, script_round_trip, wait_for};
+use common::{DEAD, INPUT, OUTPUT, check_committed, http_get, script_round_trip, wait_for};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
 const BIN: &str = env!("CARGO_BIN_EXE_segmentd");
-const INPUT: &str = "clickstream";
-const OUTPUT: &str = "segment-changes";
-const DEAD: &str = "segmentd-dead-letter";
 const GROUP: &str = "segmentd-system-test";
 
 /// A child process killed when the test ends, however it ends.

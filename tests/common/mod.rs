@@ -10,6 +10,8 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use segmentd::config::Config;
@@ -19,6 +21,26 @@ use serde_json::Value;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
+
+/// The input topic every test reads.
+pub const INPUT: &str = "clickstream";
+/// The output topic of the reference config.
+pub const OUTPUT: &str = "segment-changes";
+/// The dead-letter topic of the reference config.
+pub const DEAD: &str = "segmentd-dead-letter";
+
+/// An embedded broker cluster (librdkafka's mock, on a loopback port) with the input,
+/// output and dead-letter topics created, each with `partitions` partitions.
+pub fn embedded_broker(
+    brokers: i32,
+    partitions: i32,
+) -> MockCluster<'static, DefaultProducerContext> {
+    let mock = MockCluster::new(brokers).expect("embedded broker");
+    for topic in [INPUT, OUTPUT, DEAD] {
+        mock.create_topic(topic, partitions, 1).expect("topic");
+    }
+    mock
+}
 
 /// The reference config pointed at `brokers`, reading `input`, HTTP on a free port.
 pub fn test_config(brokers: &str, input: &str, group: &str) -> Config {
@@ -69,6 +91,15 @@ impl Service {
             stop,
             task,
         }
+    }
+
+    /// Waits until `/readyz` answers 200: partitions are assigned.
+    pub async fn ready(&self) {
+        let http = self.http;
+        wait_for("readiness", Duration::from_secs(30), async || {
+            (http_get(http, "/readyz").await.0 == 200).then_some(())
+        })
+        .await;
     }
 
     /// Waits for the service to end on its own (an error), without signalling shutdown.
