@@ -26,7 +26,10 @@ use serde_json::{Value, json};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Applied; its changes (possibly none) were appended.
-    Applied,
+    Applied {
+        /// The event's type id in the rules' registry (for per-type metrics).
+        event_type: u16,
+    },
     /// Its id was applied before: nothing changed.
     Duplicate,
 }
@@ -119,7 +122,9 @@ impl Engine {
             &rules.eval_plan[usize::from(type_id)]
         };
         self.evaluate(&event.customer_id, state, plan, now, &cause, out);
-        Outcome::Applied
+        Outcome::Applied {
+            event_type: type_id,
+        }
     }
 
     /// Re-evaluates `plan`'s segments for one customer at `now`, recording each change.
@@ -297,7 +302,7 @@ mod tests {
     fn a_replayed_event_changes_nothing() {
         let engine = engine(&[("two_views", "count(page_view) >= 2")]);
         let page = r#"{"event_id":"same","type":"page_view","customer_id":"c","ts":1}"#;
-        assert_eq!(apply(&engine, page).0, Outcome::Applied);
+        assert!(matches!(apply(&engine, page).0, Outcome::Applied { .. }));
         let (outcome, changes) = apply(&engine, page);
         assert_eq!(outcome, Outcome::Duplicate);
         assert!(changes.is_empty(), "the second copy is not counted");

@@ -32,7 +32,7 @@ const INPUT_TOPIC: &str = "clickstream";
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Stop after this long (default: run until Ctrl-C).
-    #[arg(long, value_parser = super::parse_duration_flag)]
+    #[arg(long)]
     duration: Option<HumanDuration>,
     /// Generated events per second.
     #[arg(long, default_value_t = 500)]
@@ -83,16 +83,12 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
                 let _ = service_stopped.await;
             },
             move |started| {
-                let _ = started_tx.send((
-                    started.http_addr,
-                    started.engine.clone(),
-                    started.metrics.clone(),
-                ));
+                let _ = started_tx.send(started);
             },
         )
         .await
     });
-    let (http_addr, engine, metrics) = match started_rx.await {
+    let started = match started_rx.await {
         Ok(started) => started,
         Err(_) => {
             // The service ended before it started: report its error.
@@ -100,11 +96,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             anyhow::bail!("the service stopped before it started");
         }
     };
-    let started = Started {
-        http_addr,
-        engine,
-        metrics,
-    };
+    let http_addr = started.http_addr;
     println!("HTTP: http://{http_addr}/metrics  /segments  /customers/c-0  /healthz  /readyz");
 
     let stop_generator = Arc::new(AtomicBool::new(false));

@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     start: Option<String>,
     /// Event-time gap between consecutive events without `--rate`.
-    #[arg(long, default_value = "10ms", value_parser = super::parse_duration_flag)]
+    #[arg(long, default_value = "10ms")]
     spacing: HumanDuration,
     /// Write to this Kafka topic (keyed by customer id) instead of stdout.
     #[arg(long)]

@@ -12,7 +12,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
-use crate::time::HumanDuration;
 
 /// segmentd: a real-time customer segmenter.
 #[derive(Debug, Parser)]
@@ -112,9 +111,4 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         },
     ))?;
     Ok(())
-}
-
-/// Parses a `--duration`-style flag.
-fn parse_duration_flag(text: &str) -> Result<HumanDuration, String> {
-    text.parse()
 }

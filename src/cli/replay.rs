@@ -93,7 +93,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<()> {
                 changes.clear();
                 match engine.apply(&event, &mut changes) {
                     Outcome::Duplicate => totals.duplicates += 1,
-                    Outcome::Applied => totals.events += 1,
+                    Outcome::Applied { .. } => totals.events += 1,
                 }
                 let emitted_at = wall_clock_now();
                 for change in &changes {

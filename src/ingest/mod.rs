@@ -93,7 +93,7 @@ pub async fn run(
     config: Config,
     rules: RuleSet,
     shutdown: impl Future<Output = ()>,
-    started: impl FnOnce(&Started),
+    started: impl FnOnce(Started),
 ) -> Result<(), ServiceError> {
     let metrics = Metrics::new();
     metrics.register_segments(&rules);
@@ -147,7 +147,7 @@ pub async fn run(
         source,
     })?;
     let http_addr = http.addr;
-    started(&Started {
+    started(Started {
         http_addr,
         engine: engine.clone(),
         metrics: metrics.clone(),
@@ -357,16 +357,15 @@ impl Pipeline {
                 changes.clear();
                 match self.engine.apply(&event, changes) {
                     Outcome::Duplicate => self.metrics.events_duplicate.inc(),
-                    Outcome::Applied => {
-                        let type_id = self.engine.rules().types.id_of(&event.event_type);
-                        match input {
-                            Some(input) => input.events[usize::from(type_id)].inc(),
-                            None => {
-                                let name = self.engine.rules().types.name(type_id);
-                                self.metrics.events.with_label_values(&[topic, name]).inc();
-                            }
+                    Outcome::Applied {
+                        event_type: type_id,
+                    } => match input {
+                        Some(input) => input.events[usize::from(type_id)].inc(),
+                        None => {
+                            let name = self.engine.rules().types.name(type_id);
+                            self.metrics.events.with_label_values(&[topic, name]).inc();
                         }
-                    }
+                    },
                 }
                 if let Some(done) =
                     self.tracker

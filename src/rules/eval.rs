@@ -335,42 +335,35 @@ pub fn feed_slot(
         SlotKind::Last => state.add_instant(at, false),
         SlotKind::Sequence { then, within, by } => {
             let sequence = state.sequence_mut();
-            let keys = sequence_keys(event, by.as_deref());
-            if event_type == spec.event_type {
-                for key in &keys {
-                    sequence.start(*key, at);
+            for_each_sequence_key(event, by.as_deref(), |key| {
+                if event_type == spec.event_type {
+                    sequence.start(key, at);
                 }
-            }
-            if event_type == *then {
-                for key in &keys {
-                    sequence.finish(*key, at, *within);
+                if event_type == *then {
+                    sequence.finish(key, at, *within);
                 }
-            }
+            });
         }
     }
 }
 
-/// The `by` keys of an event: its property, or for a purchase each of its items' value of
-/// that field. Without `by`, one shared key.
-fn sequence_keys(event: &Event, by: Option<&str>) -> Vec<u64> {
-    let Some(by) = by else { return vec![0] };
+/// Calls `each` with the `by` keys of an event: its property, or for a purchase each of
+/// its items' value of that field. Without `by`, one shared key.
+fn for_each_sequence_key(event: &Event, by: Option<&str>, mut each: impl FnMut(u64)) {
+    let Some(by) = by else { return each(0) };
     if let Some(hash) = value_hash(event_prop(event, by)) {
-        return vec![hash];
+        return each(hash);
     }
-    event
-        .items
-        .iter()
-        .filter_map(|item| match by {
-            "product_id" | "sku" | "id" => {
-                Some(crate::event::stable_hash(item.product_id.as_bytes()))
-            }
-            "category" => item
-                .category
-                .as_deref()
-                .map(|c| crate::event::stable_hash(c.as_bytes())),
+    for item in &event.items {
+        let value = match by {
+            "product_id" | "sku" | "id" => Some(&*item.product_id),
+            "category" => item.category.as_deref(),
             _ => None,
-        })
-        .collect()
+        };
+        if let Some(value) = value {
+            each(crate::event::stable_hash(value.as_bytes()));
+        }
+    }
 }
 
 fn value_hash(value: Value) -> Option<u64> {

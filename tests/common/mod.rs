@@ -80,14 +80,14 @@ impl Service {
                 let _ = stopped.await;
             },
             move |s| {
-                let _ = started_tx.send((s.http_addr, s.engine.clone(), s.metrics.clone()));
+                let _ = started_tx.send(s);
             },
         ));
-        let (http, engine, metrics) = started_rx.await.expect("the service starts");
+        let started = started_rx.await.expect("the service starts");
         Service {
-            http,
-            engine,
-            metrics,
+            http: started.http_addr,
+            engine: started.engine,
+            metrics: started.metrics,
             stop,
             task,
         }
