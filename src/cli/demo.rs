@@ -213,7 +213,7 @@ impl Summary {
     fn print(&mut self, service: &Started, recent: &[String]) {
         let rules = service.engine.rules();
         let m = &service.metrics;
-        let mut types: Vec<&str> = (0..rules.types.len() as u16)
+        let mut types: Vec<&str> = (0..rules.types.id_count() as u16)
             .map(|t| rules.types.name(t))
             .collect();
         types.dedup();

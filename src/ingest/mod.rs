@@ -276,7 +276,7 @@ struct InputTopic {
 
 impl InputTopic {
     fn new(name: &str, metrics: &Metrics, rules: &RuleSet) -> Self {
-        let events = (0..rules.types.len())
+        let events = (0..rules.types.id_count())
             .map(|t| {
                 metrics
                     .events

@@ -124,6 +124,7 @@ impl OffsetTracker {
     }
 
     /// Messages with records in flight, in all partitions.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.lock()
             .values()

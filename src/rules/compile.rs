@@ -401,14 +401,9 @@ impl TypeRegistry {
         self.names.len() as u16
     }
 
-    /// How many ids exist, counting [`TypeRegistry::other`].
-    pub fn len(&self) -> usize {
+    /// How many ids exist, counting [`TypeRegistry::other`]: the length of per-type plans.
+    pub fn id_count(&self) -> usize {
         self.names.len() + 1
-    }
-
-    /// Whether only the shared "other" id exists.
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
     }
 
     /// The name of a registered id.
@@ -1068,9 +1063,7 @@ fn state_deps(field: StateField, types: &mut TypeRegistry) -> Deps {
         | StateField::LastPurchaseAt
         | StateField::Revenue
         | StateField::AvgOrderValue => on(&["purchase", "refund"]),
-        StateField::SessionDuration => {
-            deps.any_event = true;
-        }
+        // Session, first/last seen and event counts change with every event.
         _ => deps.any_event = true,
     }
     deps

@@ -268,10 +268,10 @@ impl RuleSet {
             return Err(RuleErrors(errors));
         }
         let order = dependency_order(&segments, defs).map_err(|e| RuleErrors(vec![e]))?;
-        let eval_plan = (0..types.len())
+        let eval_plan = (0..types.id_count())
             .map(|t| plan_for_type(&segments, &order, t as u16))
             .collect();
-        let slot_plan = (0..types.len())
+        let slot_plan = (0..types.id_count())
             .map(|t| {
                 let t = t as u16;
                 (0..slots.len() as u16)

@@ -138,17 +138,13 @@ impl<A: Accumulate> BucketWindow<A> {
         total
     }
 
-    /// The start of the oldest bucket that still holds something, if any.
-    pub fn oldest(&self) -> Option<i64> {
-        self.buckets.front().map(|(i, _)| *i)
-    }
-
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
 
-    /// The live buckets, oldest first: `(bucket index, accumulated value)`.
+    /// The held buckets, oldest first: `(bucket index, accumulated value)`.
+    #[cfg(test)]
     pub fn buckets(&self) -> impl Iterator<Item = &(i64, A)> {
         self.buckets.iter()
     }
