@@ -213,13 +213,12 @@ impl Summary {
     fn print(&mut self, service: &Started, recent: &[String]) {
         let rules = service.engine.rules();
         let m = &service.metrics;
-        let mut types: Vec<&str> = (0..rules.types.id_count() as u16)
-            .map(|t| rules.types.name(t))
-            .collect();
-        types.dedup();
-        let events: u64 = types
-            .iter()
-            .map(|t| m.events.with_label_values(&[INPUT_TOPIC, t]).get())
+        let events: u64 = (0..rules.types.id_count() as u16)
+            .map(|t| {
+                m.events
+                    .with_label_values(&[INPUT_TOPIC, rules.types.name(t)])
+                    .get()
+            })
             .sum();
         let invalid: u64 = InvalidReason::ALL
             .iter()
