@@ -231,7 +231,8 @@ fn demo_shows_segment_changes() {
     assert!(stdout.contains("demo stopped."));
 }
 
-/// `run` stops on a real SIGTERM: it finishes, commits and exits 0.
+/// `run` stops on a real SIGTERM: it finishes, commits and exits 0. Periodic commits are
+/// pushed out to an hour, so the committed offset afterwards is the shutdown's own commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_stops_cleanly_on_sigterm() {
     let mock = common::embedded_broker(1, 1);
@@ -243,6 +244,7 @@ async fn run_stops_cleanly_on_sigterm() {
         .args(["run", "-c", config.to_str().unwrap()])
         .env("SEGMENTD_KAFKA__BROKERS", mock.bootstrap_servers())
         .env("SEGMENTD_KAFKA__INPUT_TOPICS", "[clickstream]")
+        .env("SEGMENTD_KAFKA__COMMIT_INTERVAL", "1h")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -251,21 +253,19 @@ async fn run_stops_cleanly_on_sigterm() {
         &producer,
         "clickstream",
         Some("c-1"),
-        br#"{"type":"page_view","customer_id":"c-1","ts":0}"#,
+        br#"{"type":"purchase","customer_id":"c-1","ts":0,"properties":{"revenue":600}}"#,
     )
     .await;
 
-    // Wait until it has joined the group and is consuming, then signal.
-    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
-    let mut log = String::new();
-    common::wait_for("partitions assigned", Duration::from_secs(30), async || {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        let _ = tokio::time::timeout(Duration::from_millis(200), stderr.read_line(&mut line)).await;
-        log.push_str(&line);
-        log.contains("Partitions assigned").then_some(())
-    })
+    // The purchase's change (entering `high_value`) on the output topic: it was processed.
+    common::read_records(
+        &mock.bootstrap_servers(),
+        common::OUTPUT,
+        1,
+        Duration::from_secs(30),
+    )
     .await;
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
     let pid = child.id().unwrap().to_string();
     assert!(
         Command::new("kill")
@@ -278,14 +278,20 @@ async fn run_stops_cleanly_on_sigterm() {
         .await
         .expect("exits")
         .unwrap();
-    let mut rest = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut rest)
+    let mut log = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut log)
         .await
         .unwrap();
-    log.push_str(&rest);
     assert!(status.success(), "{log}");
     assert!(
         log.contains("SIGTERM received") && log.contains("Stopped."),
         "{log}"
+    );
+    let committed =
+        common::committed_offset(&mock.bootstrap_servers(), "segmentd", common::INPUT, 0);
+    assert_eq!(
+        committed,
+        Some(1),
+        "the shutdown committed the processed message"
     );
 }
