@@ -14,7 +14,6 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use tokio::sync::oneshot;
 
 use super::generate::{EventClock, Pace, TopicSink, pump};
 use crate::config::Config;
@@ -72,30 +71,8 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         rules.segments.len()
     );
 
-    let (stop_service, service_stopped) = oneshot::channel::<()>();
-    let (started_tx, started_rx) = oneshot::channel();
-    let service_config = config.clone();
-    let service = tokio::spawn(async move {
-        crate::ingest::run(
-            service_config,
-            rules,
-            async move {
-                let _ = service_stopped.await;
-            },
-            move |started| {
-                let _ = started_tx.send(started);
-            },
-        )
-        .await
-    });
-    let started = match started_rx.await {
-        Ok(started) => started,
-        Err(_) => {
-            // The service ended before it started: report its error.
-            service.await??;
-            anyhow::bail!("the service stopped before it started");
-        }
-    };
+    let service = crate::ingest::spawn(config.clone(), rules).await?;
+    let started = service.started.clone();
     let http_addr = started.http_addr;
     println!("HTTP: http://{http_addr}/metrics  /segments  /customers/c-0  /healthz  /readyz");
 
@@ -146,9 +123,8 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     stop_generator.store(true, Ordering::Relaxed);
-    let _ = stop_service.send(());
     let generated = tokio::task::spawn_blocking(move || generator.join()).await?;
-    service.await??;
+    service.stop().await?;
     summary.print(&started, &recent);
     println!("demo stopped.");
     match generated {

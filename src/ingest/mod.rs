@@ -75,9 +75,14 @@ pub enum ServiceError {
         "delivery to the brokers failed (input offset not committed, a restart re-reads it): {0}"
     )]
     Delivery(KafkaError),
+    /// The service's task ended without reporting (it panicked, or ended before it
+    /// started without an error).
+    #[error("the service task ended unexpectedly: {0}")]
+    Task(String),
 }
 
 /// What a started service exposes to its caller.
+#[derive(Clone)]
 pub struct Started {
     /// Where HTTP is served.
     pub http_addr: SocketAddr,
@@ -215,6 +220,62 @@ pub async fn run(
         Some(err) => Err(ServiceError::Delivery(err)),
         None => Ok(()),
     }
+}
+
+/// A service running in the background (the demo, tests): what it exposes, and the means
+/// to stop it.
+pub struct Background {
+    /// The started service's address, engine and metrics.
+    pub started: Started,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ServiceError>>,
+}
+
+impl Background {
+    /// Signals shutdown and waits for the graceful stop.
+    pub async fn stop(self) -> Result<(), ServiceError> {
+        let _ = self.stop.send(());
+        joined(self.task.await)
+    }
+
+    /// Waits for the service to end on its own (a failure), without signalling shutdown.
+    pub async fn stopped(self) -> Result<(), ServiceError> {
+        let Background { stop, task, .. } = self;
+        let result = joined(task.await);
+        drop(stop);
+        result
+    }
+}
+
+/// Starts [`run`] on a task and returns once its HTTP port is bound and the consumer
+/// subscribed, or with the error that stopped it before that.
+pub async fn spawn(config: Config, rules: RuleSet) -> Result<Background, ServiceError> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let task = tokio::spawn(run(config, rules, shutdown, move |started| {
+        let _ = started_tx.send(started);
+    }));
+    match started_rx.await {
+        Ok(started) => Ok(Background {
+            started,
+            stop,
+            task,
+        }),
+        // It ended before it started: its own error says why.
+        Err(_) => Err(joined(task.await)
+            .err()
+            .unwrap_or_else(|| ServiceError::Task("ended before it started".into()))),
+    }
+}
+
+/// How a service task ended, a panic included.
+fn joined(
+    result: Result<Result<(), ServiceError>, tokio::task::JoinError>,
+) -> Result<(), ServiceError> {
+    result.unwrap_or_else(|err| Err(ServiceError::Task(err.to_string())))
 }
 
 /// The last commit before leaving the group: every partition's completed offset, retried

@@ -20,7 +20,6 @@ use segmentd::telemetry::Metrics;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
 
 /// The input topic every test reads.
 pub const INPUT: &str = "clickstream";
@@ -63,33 +62,22 @@ pub struct Service {
     pub http: SocketAddr,
     pub engine: Engine,
     pub metrics: Arc<Metrics>,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), segmentd::ingest::ServiceError>>,
+    background: segmentd::ingest::Background,
 }
 
 impl Service {
     /// Starts the service and waits until its HTTP port is bound.
     pub async fn start(config: Config) -> Service {
         let rules = config.rule_set().expect("rules compile");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (started_tx, started_rx) = oneshot::channel();
-        let task = tokio::spawn(segmentd::ingest::run(
-            config,
-            rules,
-            async move {
-                let _ = stopped.await;
-            },
-            move |s| {
-                let _ = started_tx.send(s);
-            },
-        ));
-        let started = started_rx.await.expect("the service starts");
+        let background = segmentd::ingest::spawn(config, rules)
+            .await
+            .expect("the service starts");
+        let started = background.started.clone();
         Service {
             http: started.http_addr,
             engine: started.engine,
             metrics: started.metrics,
-            stop,
-            task,
+            background,
         }
     }
 
@@ -104,19 +92,14 @@ impl Service {
 
     /// Waits for the service to end on its own (an error), without signalling shutdown.
     pub async fn stopped(self) -> Result<(), segmentd::ingest::ServiceError> {
-        let Service { stop, task, .. } = self;
-        let result = task.await.expect("no panic");
-        drop(stop);
-        result
+        self.background.stopped().await
     }
 
     /// Signals shutdown and returns how the service ended.
     pub async fn stop(self) -> Result<(), segmentd::ingest::ServiceError> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), self.task)
+        tokio::time::timeout(Duration::from_secs(30), self.background.stop())
             .await
             .expect("stops within 30s")
-            .expect("no panic")
     }
 }
 
