@@ -12,7 +12,8 @@ use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
 use crate::rules::{RuleErrors, RuleSet, RuleText, SegmentDef};
-use crate::time::{HumanDuration, MINUTE};
+use crate::time::partition::TimeSettings;
+use crate::time::{HumanDuration, MINUTE, SECOND};
 
 /// Why a config did not load.
 #[derive(Debug, thiserror::Error)]
@@ -139,14 +140,42 @@ impl Default for HttpConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeConfig {
-    /// Inactivity after which a customer's next event starts a new session.
+    /// How far a partition's watermark trails its highest event time: events up to this
+    /// much out of order are not late, and a timer fires this long after its deadline
+    /// in wall-clock terms (the watermark must pass it).
+    pub allowed_lateness: HumanDuration,
+    /// Wall-clock time without events after which a partition's watermark follows the
+    /// wall clock, so that timers fire on a quiet partition.
+    pub idle_timeout: HumanDuration,
+    /// Inactivity after which a session closes (`session.active` turns false) and the
+    /// customer's next event starts a new one.
     pub session_gap: HumanDuration,
 }
 
 impl Default for TimeConfig {
     fn default() -> Self {
         TimeConfig {
+            allowed_lateness: HumanDuration(5 * SECOND),
+            idle_timeout: HumanDuration(10 * SECOND),
             session_gap: HumanDuration(30 * MINUTE),
+        }
+    }
+}
+
+impl TimeConfig {
+    /// The watermark settings of `run`: the wall clock moves idle partitions on.
+    pub fn live(&self) -> TimeSettings {
+        TimeSettings {
+            allowed_lateness: self.allowed_lateness.millis(),
+            idle_timeout: Some(self.idle_timeout.millis()),
+        }
+    }
+
+    /// The watermark settings of `replay`: time advances by the events alone.
+    pub fn replay(&self) -> TimeSettings {
+        TimeSettings {
+            idle_timeout: None,
+            ..self.live()
         }
     }
 }

@@ -14,10 +14,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use crate::emit::change::{Cause, SegmentChange, Transition};
 use crate::event::Event;
 use crate::rules::RuleSet;
+use crate::rules::deadline::{At, next_change};
 use crate::rules::eval::{Scope, eval, feed_slot, passes};
 use crate::state::customer::Membership;
 use crate::state::slots::SlotState;
 use crate::state::{CustomerState, CustomerStore};
+use crate::time::wheel::TimerWheel;
 use crate::time::{Millis, format_timestamp};
 
 use serde_json::{Value, json};
@@ -29,9 +31,21 @@ pub enum Outcome {
     Applied {
         /// The event's type id in the rules' registry (for per-type metrics).
         event_type: u16,
+        /// The customer's timer, if the event moved, set or cancelled it: the caller
+        /// updates its [`TimerWheel`].
+        timer: TimerUpdate,
     },
     /// Its id was applied before: nothing changed.
     Duplicate,
+}
+
+/// Whether an event changed its customer's pending timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerUpdate {
+    /// The pending timer (or its absence) is as before.
+    Unchanged,
+    /// The timer is now due at this instant (`Some`) or cancelled (`None`).
+    Set(Option<Millis>),
 }
 
 /// Applies events to customer state and evaluates the rules.
@@ -89,11 +103,19 @@ impl Engine {
             return Outcome::Duplicate;
         }
         let first_event = state.customer.events == 0;
+        let timer_before = state.timer;
+        // Timers due by this event's time fire first, as they would have in time order,
+        // whether or not the watermark reached them yet: so a customer's changes do not
+        // depend on how partitions interleave.
+        while let Some(deadline) = state.timer.filter(|&d| d <= event.ts) {
+            self.fire_at(&event.customer_id, state, deadline, out);
+        }
         let now = if first_event {
             event.ts
         } else {
-            event.ts.max(state.customer.last_seen)
+            event.ts.max(state.clock)
         };
+        state.clock = now;
         state.apply_builtin(event, self.session_gap);
         if state.slots.len() < rules.slots.len() {
             state.slots.resize(rules.slots.len(), SlotState::Empty);
@@ -122,9 +144,95 @@ impl Engine {
             &rules.eval_plan[usize::from(type_id)]
         };
         self.evaluate(&event.customer_id, state, plan, now, &cause, out);
+        state.timer = self.next_deadline(state, now);
         Outcome::Applied {
             event_type: type_id,
+            timer: if state.timer == timer_before {
+                TimerUpdate::Unchanged
+            } else {
+                TimerUpdate::Set(state.timer)
+            },
         }
+    }
+
+    /// Fires the timer of `customer` due at `deadline` (cause `timer`, `at` = the
+    /// deadline), appending its changes to `out`; returns the customer's next deadline.
+    /// A deadline that is no longer the customer's (moved by an event meanwhile) fires
+    /// nothing.
+    pub fn fire(
+        &self,
+        customer: &str,
+        deadline: Millis,
+        out: &mut Vec<SegmentChange>,
+    ) -> Option<Millis> {
+        let mut entry = self.store.get_mut(customer)?;
+        let state = entry.value_mut();
+        if state.timer == Some(deadline) {
+            self.fire_at(customer, state, deadline, out);
+        }
+        state.timer
+    }
+
+    /// Fires every timer in `timers` due at `watermark`, in deadline order, rescheduling
+    /// each customer's next one (which may itself be due). Returns how many fired.
+    pub fn fire_due(
+        &self,
+        timers: &mut TimerWheel,
+        watermark: Millis,
+        out: &mut Vec<SegmentChange>,
+    ) -> u64 {
+        let mut fired = 0;
+        while let Some((customer, deadline)) = timers.pop_due(watermark) {
+            let next = self.fire(&customer, deadline, out);
+            timers.schedule(&customer, next);
+            fired += 1;
+        }
+        fired
+    }
+
+    /// Re-evaluates the time-dependent segments (and those built on them) at `deadline`.
+    fn fire_at(
+        &self,
+        customer: &str,
+        state: &mut CustomerState,
+        deadline: Millis,
+        out: &mut Vec<SegmentChange>,
+    ) {
+        let now = deadline.max(state.clock);
+        state.clock = now;
+        self.evaluate(
+            customer,
+            state,
+            &self.rules.timer_plan,
+            now,
+            &|| Cause::Timer,
+            out,
+        );
+        state.timer = self.next_deadline(state, now);
+    }
+
+    /// The earliest instant after `now` at which a time-dependent rule the customer is
+    /// subject to (its segments' exit rules, the others' enter rules) may change.
+    fn next_deadline(&self, state: &CustomerState, now: Millis) -> Option<Millis> {
+        let rules = &*self.rules;
+        let at = At {
+            state,
+            now,
+            session_gap: self.session_gap,
+            slots: &rules.slots,
+        };
+        rules
+            .timed
+            .iter()
+            .filter_map(|&index| {
+                let segment = &rules.segments[usize::from(index)];
+                let rule = match (state.is_member(index), &segment.exit) {
+                    (true, Some(exit)) => exit,
+                    _ => &segment.enter,
+                };
+                next_change(&rule.node, at)
+            })
+            .min()
     }
 
     /// Re-evaluates `plan`'s segments for one customer at `now`, recording each change.
@@ -141,7 +249,11 @@ impl Engine {
         for &index in plan {
             let segment = &rules.segments[usize::from(index)];
             let member = state.is_member(index);
-            let scope = Scope::Customer { state, now };
+            let scope = Scope::Customer {
+                state,
+                now,
+                session_gap: self.session_gap,
+            };
             let (changes, rule) = match (member, &segment.exit) {
                 (false, _) => (
                     eval(&segment.enter.node, scope, &rules.slots).is_true(),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::event::InvalidReason;
@@ -43,6 +43,16 @@ pub struct Metrics {
     pub producer_queue: IntGauge,
     /// `segmentd_dead_letters_total{reason}`: dead-letter records acknowledged.
     pub dead_letters: IntCounterVec,
+    /// `segmentd_watermark_seconds{partition}`: each owned partition's event-time
+    /// watermark, as Unix seconds.
+    pub watermark: GaugeVec,
+    /// `segmentd_timers_pending`: customers with a pending timer, over owned partitions.
+    pub timers_pending: IntGauge,
+    /// `segmentd_timers_fired_total`: timers fired (by the watermark or caught up by the
+    /// customer's next event).
+    pub timers_fired: IntCounter,
+    /// `segmentd_events_late_total`: events older than their partition's watermark.
+    pub events_late: IntCounter,
 }
 
 impl Metrics {
@@ -115,6 +125,28 @@ impl Metrics {
                 "segmentd_dead_letters_total",
                 "Dead-letter records acknowledged by the brokers, by reason.",
                 &["reason"],
+            ),
+            watermark: register(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "segmentd_watermark_seconds",
+                        "Event-time watermark of each owned partition (number, across input topics), Unix seconds.",
+                    ),
+                    &["partition"],
+                ),
+            ),
+            timers_pending: gauge(
+                "segmentd_timers_pending",
+                "Customers with a pending timer on the owned partitions.",
+            ),
+            timers_fired: counter(
+                "segmentd_timers_fired_total",
+                "Timers fired: rules re-evaluated because time alone may have changed them.",
+            ),
+            events_late: counter(
+                "segmentd_events_late_total",
+                "Events older than their partition's watermark (applied, evaluated at their customer's latest time).",
             ),
             registry,
         };

@@ -1,6 +1,7 @@
 //! Golden files: each folder of `tests/golden/` holds `events.jsonl` (input, either
-//! format), optionally `rules.toml` (default: the reference `config/segmentd.toml`), and
-//! `expected.jsonl`: the exact segment changes, in order. Each expected line lists the
+//! format), optionally `rules.toml` (default: the reference `config/segmentd.toml`),
+//! optionally `until` (an RFC 3339 instant time advances to after the last event, as
+//! `replay --until` does; default the latest event time), and `expected.jsonl`: the exact segment changes, in order. Each expected line lists the
 //! fields it pins (`customer_id`, `segment`, `transition`, `at`, `seq`, `cause`, and
 //! `facts` when given); the run must produce exactly as many changes, each matching.
 //! The folder's README says what the case shows.
@@ -12,6 +13,8 @@ use segmentd::config::Config;
 use segmentd::engine::Engine;
 use segmentd::event::parse_event;
 use segmentd::state::new_store;
+use segmentd::time::parse_timestamp;
+use segmentd::time::partition::PartitionTime;
 use serde_json::Value;
 
 fn run_case(dir: &Path) -> Result<(), String> {
@@ -31,14 +34,22 @@ fn run_case(dir: &Path) -> Result<(), String> {
     );
 
     let mut actual = Vec::new();
+    let mut changes = Vec::new();
+    let mut time = PartitionTime::new(config.time.replay(), 0);
+    let mut latest = i64::MIN;
     let events = std::fs::read_to_string(dir.join("events.jsonl")).map_err(|e| e.to_string())?;
     for line in events.lines().filter(|l| !l.trim().is_empty()) {
         let event = parse_event(line.as_bytes(), config.limits.max_event_bytes)
             .map_err(|e| format!("{e}: {line}"))?;
-        let mut changes = Vec::new();
-        engine.apply(&event, &mut changes);
-        actual.extend(changes.iter().map(|c| c.to_json(0)));
+        latest = latest.max(event.ts);
+        time.apply(&engine, &event, 0, &mut changes);
     }
+    let until = match std::fs::read_to_string(dir.join("until")) {
+        Ok(text) => parse_timestamp(text.trim()).ok_or(format!("bad until: {text}"))?,
+        Err(_) => latest,
+    };
+    time.finish(&engine, until, &mut changes);
+    actual.extend(changes.iter().map(|c| c.to_json(0)));
     let expected: Vec<Value> = std::fs::read_to_string(dir.join("expected.jsonl"))
         .map_err(|e| e.to_string())?
         .lines()

@@ -122,7 +122,14 @@ async fn a_bad_client_property_is_an_error_at_start() {
         .consumer
         .insert("no.such.property".into(), "1".into());
     let rules = config.rule_set().unwrap();
-    let result = segmentd::ingest::run(config, rules, std::future::pending(), |_| {}).await;
+    let result = segmentd::ingest::run(
+        config,
+        rules,
+        segmentd::time::WallClock::system(),
+        std::future::pending(),
+        |_| {},
+    )
+    .await;
     let err = result.expect_err("refused");
     assert!(err.to_string().contains("no.such.property"), "{err}");
 }

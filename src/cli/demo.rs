@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::event::InvalidReason;
 use crate::generate::{Format, Generator, GeneratorConfig};
 use crate::ingest::Started;
-use crate::time::HumanDuration;
+use crate::time::{HumanDuration, WallClock};
 
 /// The demo's rules and settings, embedded so the demo needs no files.
 const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
@@ -71,7 +71,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         rules.segments.len()
     );
 
-    let service = crate::ingest::spawn(config.clone(), rules).await?;
+    let service = crate::ingest::spawn(config.clone(), rules, WallClock::system()).await?;
     let started = service.started.clone();
     let http_addr = started.http_addr;
     println!("HTTP: http://{http_addr}/metrics  /segments  /customers/c-0  /healthz  /readyz");

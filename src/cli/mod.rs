@@ -105,6 +105,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     runtime()?.block_on(crate::ingest::run(
         config,
         rules,
+        crate::time::WallClock::system(),
         crate::ingest::shutdown_signal(),
         |started| {
             tracing::info!(http = %started.http_addr, "Serving HTTP.");

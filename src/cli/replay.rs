@@ -13,10 +13,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::emit::change::SegmentChange;
 use crate::engine::{Engine, Outcome};
 use crate::event::parse_event;
 use crate::state::new_store;
-use crate::time::wall_clock_now;
+use crate::time::partition::PartitionTime;
+use crate::time::{Millis, parse_timestamp, wall_clock_now};
 
 /// Arguments of `segmentd replay`.
 #[derive(Debug, clap::Args)]
@@ -34,6 +36,16 @@ pub struct ReplayArgs {
     /// Write every customer's final segments and state here, one JSON object per line.
     #[arg(long)]
     dump_state: Option<PathBuf>,
+    /// After the last event, advance time to this instant (RFC 3339) so that the timers
+    /// due by then fire (default: the latest event time).
+    #[arg(long, value_parser = parse_until)]
+    until: Option<Millis>,
+}
+
+fn parse_until(text: &str) -> Result<Millis, String> {
+    parse_timestamp(text).ok_or_else(|| {
+        format!("`{text}` is not a timestamp; use RFC 3339, e.g. 2026-11-23T10:51:14Z")
+    })
 }
 
 /// Totals of a replay, printed at the end.
@@ -43,6 +55,8 @@ struct Totals {
     events: u64,
     duplicates: u64,
     changes: u64,
+    timers_fired: u64,
+    late: u64,
     invalid: BTreeMap<&'static str, u64>,
 }
 
@@ -53,6 +67,9 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let rules = Arc::new(config.rule_set()?);
     let engine = Engine::new(rules, new_store(), config.time.session_gap.millis());
+    // One time line: the recorded events, in file order, advance the watermark.
+    let mut time = PartitionTime::new(config.time.replay(), 0);
+    let mut latest = Millis::MIN;
     let (input, size) = open_input(&args.input)?;
     let progress = progress_bar(size);
     let mut reader = BufReader::with_capacity(1 << 16, progress.wrap_read(input));
@@ -91,25 +108,43 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             }
             Ok(event) => {
                 changes.clear();
-                match engine.apply(&event, &mut changes) {
+                latest = latest.max(event.ts);
+                let applied = time.apply(&engine, &event, 0, &mut changes);
+                match applied.outcome {
                     Outcome::Duplicate => totals.duplicates += 1,
                     Outcome::Applied { .. } => totals.events += 1,
                 }
-                let emitted_at = wall_clock_now();
-                for change in &changes {
-                    serde_json::to_writer(&mut output, &change.to_json(emitted_at))?;
-                    output.write_all(b"\n")?;
-                }
-                totals.changes += changes.len() as u64;
+                totals.late += u64::from(applied.late);
+                totals.timers_fired += applied.timers_fired;
+                write_changes(&mut output, &changes, &mut totals)?;
             }
         }
     }
+    changes.clear();
+    let until = args.until.unwrap_or(latest);
+    totals.timers_fired += time.finish(&engine, until, &mut changes);
+    write_changes(&mut output, &changes, &mut totals)?;
     output.flush()?;
     progress.finish_and_clear();
     if let Some(path) = &args.dump_state {
         dump_state(&engine, path)?;
     }
     report(&totals, started, engine.store().len());
+    Ok(())
+}
+
+/// Writes changes as JSON lines, stamped with the wall-clock time of writing.
+fn write_changes(
+    output: &mut dyn Write,
+    changes: &[SegmentChange],
+    totals: &mut Totals,
+) -> anyhow::Result<()> {
+    let emitted_at = wall_clock_now();
+    for change in changes {
+        serde_json::to_writer(&mut *output, &change.to_json(emitted_at))?;
+        output.write_all(b"\n")?;
+    }
+    totals.changes += changes.len() as u64;
     Ok(())
 }
 
@@ -183,12 +218,14 @@ fn report(totals: &Totals, started: Instant, customers: usize) {
     let seconds = started.elapsed().as_secs_f64();
     let invalid: u64 = totals.invalid.values().sum();
     eprintln!(
-        "replayed {} lines: {} events applied, {} duplicates, {} invalid, {} segment changes, {} customers in {:.2}s ({:.0} events/s)",
+        "replayed {} lines: {} events applied ({} late), {} duplicates, {} invalid, {} segment changes, {} timers fired, {} customers in {:.2}s ({:.0} events/s)",
         totals.lines,
         totals.events,
+        totals.late,
         totals.duplicates,
         invalid,
         totals.changes,
+        totals.timers_fired,
         customers,
         seconds,
         totals.events as f64 / seconds.max(1e-9)

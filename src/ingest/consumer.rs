@@ -12,6 +12,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use super::Partitions;
 use super::offsets::{OffsetTracker, PartitionKey};
 use crate::config::Config;
 use crate::telemetry::Metrics;
@@ -22,17 +23,48 @@ pub struct IngestContext {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     tracker: Arc<OffsetTracker>,
+    partitions: Partitions,
 }
 
 impl IngestContext {
-    /// A context reporting into `metrics`, raising `ready` at the first assignment, and
-    /// draining `tracker` for revoked partitions.
-    pub fn new(metrics: Arc<Metrics>, ready: Arc<AtomicBool>, tracker: Arc<OffsetTracker>) -> Self {
+    /// A context reporting into `metrics`, raising `ready` at the first assignment,
+    /// draining `tracker` for revoked partitions and dropping their timers from
+    /// `partitions`.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        ready: Arc<AtomicBool>,
+        tracker: Arc<OffsetTracker>,
+        partitions: Partitions,
+    ) -> Self {
         IngestContext {
             metrics,
             ready,
             tracker,
+            partitions,
         }
+    }
+
+    /// Drops the watermark and timers of partition numbers no longer assigned on any
+    /// input topic: their customers' timers are now another instance's to fire.
+    fn forget_revoked(&self, consumer: &BaseConsumer<Self>) {
+        let assigned: std::collections::BTreeSet<i32> = match consumer.assignment() {
+            Ok(list) => list.elements().iter().map(|p| p.partition()).collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "Cannot read the assignment; keeping every partition's timers.");
+                return;
+            }
+        };
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        partitions.retain(|number, _| {
+            let keep = assigned.contains(number);
+            if !keep {
+                let _ = self
+                    .metrics
+                    .watermark
+                    .remove_label_values(&[&number.to_string()]);
+            }
+            keep
+        });
     }
 }
 
@@ -80,7 +112,7 @@ impl ConsumerContext for IngestContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
                 self.metrics.rebalances.inc();
@@ -88,6 +120,7 @@ impl ConsumerContext for IngestContext {
                 tracing::info!(partitions = partitions.count(), "Partitions assigned.");
             }
             Rebalance::Revoke(partitions) => {
+                self.forget_revoked(consumer);
                 self.metrics.rebalances.inc();
                 tracing::info!(partitions = partitions.count(), "Partitions revoked.");
             }

@@ -18,8 +18,9 @@ use crate::telemetry::Metrics;
 pub struct Ticket {
     /// The input partition of the message that caused the record.
     pub partition: PartitionKey,
-    /// That message's offset.
-    pub offset: i64,
+    /// That message's offset; `None` for a change fired by an idle partition's timer,
+    /// which answers to no input message.
+    pub offset: Option<i64>,
     /// For a dead-letter copy: the rejection reason (for its metric).
     pub dead_letter: Option<&'static str>,
 }
@@ -71,7 +72,7 @@ impl ProducerContext for Acknowledger {
                 error = %error,
                 topic = %ticket.partition.0,
                 partition = ticket.partition.1,
-                offset = ticket.offset,
+                offset = ?ticket.offset,
                 "An output record was not delivered; stopping without committing its input."
             );
             self.failure.record(error.clone());
@@ -80,7 +81,8 @@ impl ProducerContext for Acknowledger {
         if let Some(reason) = ticket.dead_letter {
             self.metrics.dead_letters.with_label_values(&[reason]).inc();
         }
-        let completed = self.tracker.acknowledged(&ticket.partition, ticket.offset);
+        let Some(offset) = ticket.offset else { return };
+        let completed = self.tracker.acknowledged(&ticket.partition, offset);
         for latency in completed.latencies {
             self.metrics.event_to_emit.observe(latency.as_secs_f64());
         }

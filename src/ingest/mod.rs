@@ -26,10 +26,11 @@ mod consumer;
 mod delivery;
 pub mod offsets;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
@@ -46,7 +47,8 @@ use crate::event::parse_event;
 use crate::rules::RuleSet;
 use crate::state::new_store;
 use crate::telemetry::{InvalidEventReceived, Metrics};
-use crate::time::wall_clock_now;
+use crate::time::WallClock;
+use crate::time::partition::{PartitionTime, TimeSettings};
 
 use delivery::{Acknowledger, DeliveryFailure, Ticket};
 use offsets::{OffsetTracker, PartitionKey};
@@ -97,6 +99,7 @@ pub struct Started {
 pub async fn run(
     config: Config,
     rules: RuleSet,
+    clock: WallClock,
     shutdown: impl Future<Output = ()>,
     started: impl FnOnce(Started),
 ) -> Result<(), ServiceError> {
@@ -109,7 +112,13 @@ pub async fn run(
     );
     let ready = Arc::new(AtomicBool::new(false));
     let tracker = OffsetTracker::new();
-    let context = IngestContext::new(metrics.clone(), ready.clone(), tracker.clone());
+    let partitions: Partitions = Arc::default();
+    let context = IngestContext::new(
+        metrics.clone(),
+        ready.clone(),
+        tracker.clone(),
+        partitions.clone(),
+    );
     let consumer = Arc::new(consumer::create_consumer(&config, context)?);
     let failure = Arc::new(DeliveryFailure::default());
     let acknowledger = Acknowledger {
@@ -175,9 +184,14 @@ pub async fn run(
         output_topic: config.kafka.output_topic.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         max_event_bytes: config.limits.max_event_bytes,
+        partitions,
+        time: config.time.live(),
+        clock,
     };
     tokio::pin!(shutdown);
     let mut changes = Vec::new();
+    let mut timer_tick = tokio::time::interval(TIMER_TICK);
+    timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -186,6 +200,12 @@ pub async fn run(
                 break;
             }
             () = failure.notify.notified() => break,
+            _ = timer_tick.tick() => {
+                if let Err(err) = pipeline.fire_idle_timers(&mut changes).await {
+                    failure.record(err);
+                    break;
+                }
+            }
             message = consumer.recv() => match message {
                 Ok(message) => {
                     if let Err(err) = pipeline.process(&message, &mut changes).await {
@@ -248,14 +268,19 @@ impl Background {
 }
 
 /// Starts [`run`] on a task and returns once its HTTP port is bound and the consumer
-/// subscribed, or with the error that stopped it before that.
-pub async fn spawn(config: Config, rules: RuleSet) -> Result<Background, ServiceError> {
+/// subscribed, or with the error that stopped it before that. `clock` is the wall clock
+/// the service reads (a manual one in tests).
+pub async fn spawn(
+    config: Config,
+    rules: RuleSet,
+    clock: WallClock,
+) -> Result<Background, ServiceError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let shutdown = async move {
         let _ = stopped.await;
     };
-    let task = tokio::spawn(run(config, rules, shutdown, move |started| {
+    let task = tokio::spawn(run(config, rules, clock, shutdown, move |started| {
         let _ = started_tx.send(started);
     }));
     match started_rx.await {
@@ -314,6 +339,14 @@ async fn commit_final(
 /// How often the final commit is tried while the group rebalances.
 const COMMIT_ATTEMPTS: u32 = 20;
 
+/// How often idle partitions' watermarks are moved on by the wall clock and their due
+/// timers fired: a timer fires at most this long after the watermark passes it.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// The event time of each owned partition (by number, across input topics): shared with
+/// the rebalance callback, which drops a partition's timers when it is revoked.
+pub type Partitions = Arc<Mutex<BTreeMap<i32, PartitionTime>>>;
+
 /// The per-message work of the consume loop.
 struct Pipeline {
     engine: Engine,
@@ -326,6 +359,10 @@ struct Pipeline {
     output_topic: String,
     dead_letter_topic: String,
     max_event_bytes: usize,
+    /// Watermarks and timers per partition.
+    partitions: Partitions,
+    time: TimeSettings,
+    clock: WallClock,
 }
 
 /// An input topic: its name, shared by every in-flight record's ticket, and its
@@ -369,7 +406,7 @@ impl Pipeline {
         let ticket = |dead_letter| {
             Box::new(Ticket {
                 partition: partition.clone(),
-                offset,
+                offset: Some(offset),
                 dead_letter,
             })
         };
@@ -416,10 +453,23 @@ impl Pipeline {
             }
             Ok(event) => {
                 changes.clear();
-                match self.engine.apply(&event, changes) {
+                let wall_now = self.clock.now();
+                let applied = {
+                    let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+                    partitions
+                        .entry(partition.1)
+                        .or_insert_with(|| PartitionTime::new(self.time, wall_now))
+                        .apply(&self.engine, &event, wall_now, changes)
+                };
+                if applied.late {
+                    self.metrics.events_late.inc();
+                }
+                self.metrics.timers_fired.inc_by(applied.timers_fired);
+                match applied.outcome {
                     Outcome::Duplicate => self.metrics.events_duplicate.inc(),
                     Outcome::Applied {
                         event_type: type_id,
+                        ..
                     } => match input {
                         Some(input) => input.events[usize::from(type_id)].inc(),
                         None => {
@@ -434,25 +484,69 @@ impl Pipeline {
                 {
                     delivery::store(&self.consumer, &partition, done);
                 }
-                let emitted_at = wall_clock_now();
-                for change in changes.iter() {
-                    let (payload, headers) = change_payload(change, emitted_at);
-                    let record = BaseRecord::<[u8], [u8], _>::with_opaque_to(
-                        &self.output_topic,
-                        ticket(None),
-                    )
-                    .key(change.customer_id.as_bytes())
-                    .payload(&payload)
-                    .headers(headers);
-                    send(&self.producer, record).await?;
-                    self.metrics
-                        .transitions
-                        .with_label_values(&[&*change.segment, change.transition.as_str()])
-                        .inc();
-                }
+                self.publish(changes, || ticket(None)).await?;
             }
         }
         Ok(())
+    }
+
+    /// Sends segment changes to the output topic, each with its ticket.
+    async fn publish(
+        &self,
+        changes: &[SegmentChange],
+        mut ticket: impl FnMut() -> Box<Ticket>,
+    ) -> Result<(), KafkaError> {
+        let emitted_at = self.clock.now();
+        for change in changes {
+            let (payload, headers) = change_payload(change, emitted_at);
+            let record = BaseRecord::<[u8], [u8], _>::with_opaque_to(&self.output_topic, ticket())
+                .key(change.customer_id.as_bytes())
+                .payload(&payload)
+                .headers(headers);
+            send(&self.producer, record).await?;
+            self.metrics
+                .transitions
+                .with_label_values(&[&*change.segment, change.transition.as_str()])
+                .inc();
+        }
+        Ok(())
+    }
+
+    /// Moves every partition's watermark on by the wall clock (where idle), fires the
+    /// timers that makes due, publishes their changes and updates the time metrics.
+    async fn fire_idle_timers(&self, changes: &mut Vec<SegmentChange>) -> Result<(), KafkaError> {
+        changes.clear();
+        let wall_now = self.clock.now();
+        let mut fired_on = Vec::new();
+        {
+            let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = 0;
+            for (&number, time) in partitions.iter_mut() {
+                let before = changes.len();
+                let fired = time.tick(&self.engine, wall_now, changes);
+                self.metrics.timers_fired.inc_by(fired);
+                fired_on.extend(std::iter::repeat_n(number, changes.len() - before));
+                pending += time.timers.len();
+                let watermark = time.watermark.current();
+                if watermark != crate::time::Millis::MIN {
+                    self.metrics
+                        .watermark
+                        .with_label_values(&[&number.to_string()])
+                        .set(watermark as f64 / 1000.0);
+                }
+            }
+            self.metrics.timers_pending.set(pending as i64);
+        }
+        let mut fired_on = fired_on.into_iter();
+        let source: Arc<str> = Arc::from("(timer)");
+        self.publish(changes, || {
+            Box::new(Ticket {
+                partition: (source.clone(), fired_on.next().unwrap_or(-1)),
+                offset: None,
+                dead_letter: None,
+            })
+        })
+        .await
     }
     /// Copies a rejected message to the dead-letter topic: its key, `payload` (the
     /// original, or its first bytes when `truncated_from` gives the original size) and the

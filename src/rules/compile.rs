@@ -76,6 +76,8 @@ pub enum StateField {
     SessionEvents,
     /// `session.duration`: last activity − start.
     SessionDuration,
+    /// `session.active`: the session is open (its inactivity gap has not passed).
+    SessionActive,
     /// `customer.first_seen`.
     FirstSeen,
     /// `customer.last_seen`.
@@ -120,6 +122,7 @@ pub const STATE_FIELDS: &[(&str, StateField, Type)] = &[
     ),
     ("session.events", StateField::SessionEvents, Type::Num),
     ("session.duration", StateField::SessionDuration, Type::Dur),
+    ("session.active", StateField::SessionActive, Type::Bool),
     ("customer.first_seen", StateField::FirstSeen, Type::Time),
     ("customer.last_seen", StateField::LastSeen, Type::Time),
     ("customer.events", StateField::Events, Type::Num),
@@ -1063,7 +1066,15 @@ fn state_deps(field: StateField, types: &mut TypeRegistry) -> Deps {
         | StateField::LastPurchaseAt
         | StateField::Revenue
         | StateField::AvgOrderValue => on(&["purchase", "refund"]),
-        // Session, first/last seen and event counts change with every event.
+        // An open session closes when its inactivity gap passes, with no event.
+        StateField::SessionId
+        | StateField::SessionPageViews
+        | StateField::SessionEvents
+        | StateField::SessionActive => {
+            deps.any_event = true;
+            deps.time = true;
+        }
+        // Session times, first/last seen and event counts change with every event.
         _ => deps.any_event = true,
     }
     deps

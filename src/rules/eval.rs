@@ -70,6 +70,8 @@ pub enum Scope<'a> {
         state: &'a CustomerState,
         /// Evaluation time.
         now: Millis,
+        /// The inactivity that closes a session (for `session.*`).
+        session_gap: Millis,
     },
     /// An aggregate's filter: one event.
     Event(&'a Event),
@@ -132,7 +134,11 @@ pub fn eval<'a>(node: &'a Node, scope: Scope<'a>, slots: &'a [SlotSpec]) -> Valu
             )
         }
         _ => match scope {
-            Scope::Customer { state, now } => eval_customer(node, state, now, slots),
+            Scope::Customer {
+                state,
+                now,
+                session_gap,
+            } => eval_customer(node, state, now, session_gap, slots),
             Scope::Event(_) => Value::Null,
         },
     }
@@ -150,11 +156,16 @@ fn eval_customer<'a>(
     node: &'a Node,
     state: &'a CustomerState,
     now: Millis,
+    session_gap: Millis,
     slots: &'a [SlotSpec],
 ) -> Value<'a> {
-    let scope = Scope::Customer { state, now };
+    let scope = Scope::Customer {
+        state,
+        now,
+        session_gap,
+    };
     match node {
-        Node::State(field) => state_field(*field, state),
+        Node::State(field) => state_field(*field, state, session_open(state, now, session_gap)),
         Node::Trait(key) => prop(lookup(&state.traits, key)),
         Node::Context(key) => prop(lookup(&state.context, key)),
         Node::Agg {
@@ -215,7 +226,14 @@ fn eval_customer<'a>(
     }
 }
 
-fn state_field(field: StateField, state: &CustomerState) -> Value<'_> {
+/// Whether the customer's session is open at `now`: it has had an event and its
+/// inactivity gap has not passed. A closed session reads as no session (`session.id`
+/// null, `page_views` and `events` 0, `active` false); its times stay readable.
+pub fn session_open(state: &CustomerState, now: Millis, session_gap: Millis) -> bool {
+    state.session.events > 0 && now - state.session.last_activity <= session_gap
+}
+
+fn state_field(field: StateField, state: &CustomerState, session_open: bool) -> Value<'_> {
     let c = &state.customer;
     let time = |t: Option<Millis>| t.map_or(Value::Null, Value::Time);
     match field {
@@ -223,6 +241,15 @@ fn state_field(field: StateField, state: &CustomerState) -> Value<'_> {
         StateField::CartValue => Value::Num(state.cart.value()),
         StateField::CartLines => Value::Num(state.cart.lines.len() as f64),
         StateField::CartUpdatedAt => time(state.cart.updated_at),
+        StateField::SessionActive => Value::Bool(session_open),
+        StateField::SessionId | StateField::SessionPageViews | StateField::SessionEvents
+            if !session_open =>
+        {
+            match field {
+                StateField::SessionId => Value::Null,
+                _ => Value::Num(0.0),
+            }
+        }
         StateField::SessionId => state.session.id.as_deref().map_or(Value::Null, Value::Str),
         StateField::SessionStartedAt => Value::Time(state.session.started_at),
         StateField::SessionLastActivity => Value::Time(state.session.last_activity),
@@ -245,7 +272,8 @@ fn state_field(field: StateField, state: &CustomerState) -> Value<'_> {
     }
 }
 
-fn compare(op: CmpOp, l: Value, r: Value) -> bool {
+/// Compares two values; see the module doc for `Null` and mismatched kinds.
+pub fn compare(op: CmpOp, l: Value, r: Value) -> bool {
     use std::cmp::Ordering;
     let ordering = match (l, r) {
         (Value::Num(a), Value::Num(b)) => a.partial_cmp(&b),

@@ -23,6 +23,7 @@
 
 pub mod ast;
 pub mod compile;
+pub mod deadline;
 pub mod eval;
 pub mod parser;
 
@@ -197,6 +198,12 @@ pub struct RuleSet {
     pub full_plan: Vec<u16>,
     /// Per event type id: the slots to feed.
     pub slot_plan: Vec<Vec<u16>>,
+    /// The segments whose answer can change with time alone, and those built on them
+    /// through `in_segment`, dependencies first: what a timer re-evaluates.
+    pub timer_plan: Vec<u16>,
+    /// The segments whose own rules read time (`idle`, `within`, windows,
+    /// `not_followed`, open sessions): where a customer's next deadline comes from.
+    pub timed: Vec<u16>,
     /// `sha256:` of the rule definitions: stamped on every output record.
     pub version: Arc<str>,
 }
@@ -269,7 +276,18 @@ impl RuleSet {
         }
         let order = dependency_order(&segments, defs).map_err(|e| RuleErrors(vec![e]))?;
         let eval_plan = (0..types.id_count())
-            .map(|t| plan_for_type(&segments, &order, t as u16))
+            .map(|t| {
+                let t = t as u16;
+                plan_where(&segments, &order, |deps| {
+                    deps.any_event || deps.types.contains(&t)
+                })
+            })
+            .collect();
+        let timer_plan = plan_where(&segments, &order, |deps| deps.time);
+        let timed = order
+            .iter()
+            .copied()
+            .filter(|&s| segments[usize::from(s)].deps.time)
             .collect();
         let slot_plan = (0..types.id_count())
             .map(|t| {
@@ -290,6 +308,8 @@ impl RuleSet {
             eval_plan,
             full_plan: order,
             slot_plan,
+            timer_plan,
+            timed,
         })
     }
 
@@ -422,14 +442,14 @@ fn dependency_order(segments: &[Segment], defs: &[SegmentDef]) -> Result<Vec<u16
 
 /// The segments to re-evaluate when an event of type `t` arrives, in dependency order: a
 /// segment is in when `t` can change one of its inputs or one of the segments it reads.
-fn plan_for_type(segments: &[Segment], order: &[u16], t: u16) -> Vec<u16> {
+/// The segments `touched` selects, and every segment built on one of them through
+/// `in_segment`, in dependency order.
+fn plan_where(segments: &[Segment], order: &[u16], touched: impl Fn(&Deps) -> bool) -> Vec<u16> {
     let mut affected = vec![false; segments.len()];
     let mut plan = Vec::new();
     for &s in order {
         let deps = &segments[usize::from(s)].deps;
-        let hit = deps.any_event
-            || deps.types.contains(&t)
-            || deps.segments.iter().any(|d| affected[usize::from(*d)]);
+        let hit = touched(deps) || deps.segments.iter().any(|d| affected[usize::from(*d)]);
         if hit {
             affected[usize::from(s)] = true;
             plan.push(s);

@@ -352,6 +352,7 @@ fn evaluate(text: &str) -> bool {
         Scope::Customer {
             state: &state,
             now: 0,
+            session_gap: 0,
         },
         &rules.slots,
     )

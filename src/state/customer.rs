@@ -43,6 +43,11 @@ pub struct CustomerState {
     pub segments: Vec<Membership>,
     /// How many segment changes this customer has had: the `seq` of the last change.
     pub seq: u64,
+    /// The customer's evaluation time: the latest event time or fired timer. Rules are
+    /// never evaluated before it, so a customer's changes never go back in time.
+    pub clock: Millis,
+    /// When the rules may next change with time alone: the one pending timer.
+    pub timer: Option<Millis>,
 }
 
 /// Lifetime facts about a customer (`customer.*` in rules).

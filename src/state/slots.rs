@@ -187,6 +187,27 @@ impl SlotState {
         });
     }
 
+    /// The first instant after `now` at which a windowed slot's value changes with no new
+    /// event: when its oldest live bucket leaves the window. `None` for lifetime slots.
+    pub fn next_expiry(&self, window: Millis, now: Millis) -> Option<Millis> {
+        let g = granularity(window);
+        let expiry = |index: i64| (index + 1).saturating_mul(g).saturating_add(window);
+        let first = match self {
+            SlotState::Windowed(buckets) => buckets.oldest_live(window, now),
+            SlotState::Distinct(values) => values
+                .iter()
+                .map(|(_, i)| *i)
+                .filter(|&i| bucket_is_live(i, g, window, now))
+                .min(),
+            SlotState::Top(entries) => entries
+                .iter()
+                .filter_map(|e| e.window.oldest_live(window, now))
+                .min(),
+            _ => None,
+        };
+        first.map(expiry)
+    }
+
     /// The instant of a `first`/`last` slot.
     pub fn instant(&self) -> Option<Millis> {
         match self {
@@ -264,11 +285,21 @@ impl Sequence {
         }
     }
 
-    /// Whether some `a` has waited `within` or longer at `now` without its `b`.
+    /// Whether some `a` has waited longer than `within` at `now` without its `b` (a `b`
+    /// exactly `within` after its `a` still counts as following it).
     pub fn overdue(&self, within: Millis, now: Millis) -> bool {
         self.pending
             .iter()
-            .any(|(_, started)| started.saturating_add(within) <= now)
+            .any(|(_, started)| started.saturating_add(within) < now)
+    }
+
+    /// When the first waiting `a` becomes overdue, if that is after `now`.
+    pub fn next_overdue(&self, within: Millis, now: Millis) -> Option<Millis> {
+        self.pending
+            .iter()
+            .map(|(_, started)| started.saturating_add(within).saturating_add(1))
+            .filter(|&at| at > now)
+            .min()
     }
 }
 
@@ -300,10 +331,15 @@ mod tests {
         let mut seq = Sequence::default();
         seq.start(7, 0);
         seq.start(8, 0);
-        assert!(!seq.overdue(100, 99));
+        assert!(
+            !seq.overdue(100, 100),
+            "a `b` may still come at exactly 100"
+        );
+        assert_eq!(seq.next_overdue(100, 100), Some(101));
         seq.finish(8, 50, 100);
         assert_eq!(seq.followed_at, Some(50));
-        assert!(seq.overdue(100, 100), "key 7 was never followed");
+        assert!(seq.overdue(100, 101), "key 7 was never followed");
+        assert_eq!(seq.next_overdue(100, 101), None, "already overdue");
         seq.finish(7, 500, 100);
         assert!(
             !seq.overdue(100, 1000),

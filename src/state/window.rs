@@ -138,6 +138,15 @@ impl<A: Accumulate> BucketWindow<A> {
         total
     }
 
+    /// The index of the oldest bucket still live at `now`: the next to leave the window.
+    pub fn oldest_live(&self, window: Millis, now: Millis) -> Option<i64> {
+        let g = granularity(window);
+        self.buckets
+            .iter()
+            .map(|(i, _)| *i)
+            .find(|&i| bucket_is_live(i, g, window, now))
+    }
+
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()

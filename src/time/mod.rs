@@ -9,6 +9,9 @@
 //! (an event's own time, later a partition watermark), so that `replay` and `run` give the
 //! same answers and tests control time completely.
 
+pub mod partition;
+pub mod wheel;
+
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -59,6 +62,43 @@ pub fn format_timestamp(at: Millis) -> String {
 /// of output records, idle-partition watermarks); rules never do.
 pub fn wall_clock_now() -> Millis {
     jiff::Timestamp::now().as_millisecond()
+}
+
+/// The wall clock the service reads (idle-partition watermarks, `emitted_at`): the
+/// system's, or a manual one that tests move by hand — so that no test sleeps for time
+/// to pass.
+#[derive(Clone, Debug, Default)]
+pub struct WallClock {
+    manual: Option<std::sync::Arc<std::sync::atomic::AtomicI64>>,
+}
+
+impl WallClock {
+    /// The system clock.
+    pub fn system() -> Self {
+        WallClock { manual: None }
+    }
+
+    /// A clock that stands at `start` until [`set`](Self::set).
+    pub fn manual(start: Millis) -> Self {
+        WallClock {
+            manual: Some(std::sync::Arc::new(start.into())),
+        }
+    }
+
+    /// Moves a manual clock to `to` (the system clock ignores it).
+    pub fn set(&self, to: Millis) {
+        if let Some(manual) = &self.manual {
+            manual.store(to, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Millis {
+        match &self.manual {
+            Some(manual) => manual.load(std::sync::atomic::Ordering::Relaxed),
+            None => wall_clock_now(),
+        }
+    }
 }
 
 /// Formats a duration compactly with the largest units first: `30m12s`, `2d3h`, `850ms`,

@@ -17,6 +17,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use segmentd::config::Config;
 use segmentd::engine::Engine;
 use segmentd::telemetry::Metrics;
+use segmentd::time::WallClock;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,10 +67,18 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts the service and waits until its HTTP port is bound.
+    /// Starts the service and waits until its HTTP port is bound. Its wall clock stands
+    /// still at the epoch, so event time advances by the events alone (as in `replay`)
+    /// and the expected changes do not depend on how long the test takes.
     pub async fn start(config: Config) -> Service {
+        Self::start_with_clock(config, WallClock::manual(0)).await
+    }
+
+    /// Starts the service reading `clock` as its wall clock (a manual one lets a test
+    /// move idle partitions' watermarks without waiting).
+    pub async fn start_with_clock(config: Config, clock: WallClock) -> Service {
         let rules = config.rule_set().expect("rules compile");
-        let background = segmentd::ingest::spawn(config, rules)
+        let background = segmentd::ingest::spawn(config, rules, clock)
             .await
             .expect("the service starts");
         let started = background.started.clone();
