@@ -34,6 +34,8 @@ pub enum Outcome {
         /// The customer's timer, if the event moved, set or cancelled it: the caller
         /// updates its [`TimerWheel`].
         timer: TimerUpdate,
+        /// Timers of this customer that were due by the event's time and fired before it.
+        timers_fired: u32,
     },
     /// Its id was applied before: nothing changed.
     Duplicate,
@@ -107,8 +109,10 @@ impl Engine {
         // Timers due by this event's time fire first, as they would have in time order,
         // whether or not the watermark reached them yet: so a customer's changes do not
         // depend on how partitions interleave.
+        let mut timers_fired = 0;
         while let Some(deadline) = state.timer.filter(|&d| d <= event.ts) {
             self.fire_at(&event.customer_id, state, deadline, out);
+            timers_fired += 1;
         }
         let now = if first_event {
             event.ts
@@ -152,6 +156,7 @@ impl Engine {
             } else {
                 TimerUpdate::Set(state.timer)
             },
+            timers_fired,
         }
     }
 

@@ -48,8 +48,8 @@ pub struct Metrics {
     pub watermark: GaugeVec,
     /// `segmentd_timers_pending`: customers with a pending timer, over owned partitions.
     pub timers_pending: IntGauge,
-    /// `segmentd_timers_fired_total`: timers fired (by the watermark or caught up by the
-    /// customer's next event).
+    /// `segmentd_timers_fired_total`: timers fired, by the watermark or by the customer's
+    /// next event arriving after the deadline.
     pub timers_fired: IntCounter,
     /// `segmentd_events_late_total`: events older than their partition's watermark.
     pub events_late: IntCounter,

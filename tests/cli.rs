@@ -126,7 +126,9 @@ fn replay_writes_changes_and_state_from_plain_and_gzipped_input() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         let stderr = text(&out.stderr);
         assert!(
-            stderr.contains("1 duplicates, 2 invalid, 7 segment changes, 2 customers"),
+            stderr.contains(
+                "9 events applied (0 late), 1 duplicates, 2 invalid, 7 segment changes, 5 timers fired, 2 customers"
+            ),
             "{stderr}"
         );
         assert!(

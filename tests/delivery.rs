@@ -13,10 +13,13 @@ use common::{
 use rdkafka::mocking::MockCoordinator;
 use segmentd::config::SegmentConfig;
 
+/// Customer c-10's `n`th event in the scripted case: an add to cart, an exit intent, then
+/// a page view 31 minutes later (which catches up two timers: two changes).
 fn cart_event(n: usize) -> String {
     std::fs::read_to_string("tests/golden/cart_exit_intent_abandoned_product/events.jsonl")
         .unwrap()
         .lines()
+        .filter(|line| line.contains("\"c-10\""))
         .nth(n)
         .unwrap()
         .to_owned()

@@ -306,8 +306,10 @@ fn joined(
 /// The last commit before leaving the group: every partition's completed offset, retried
 /// while the group is rebalancing (another member leaving or joining at the same moment),
 /// polling the consumer meanwhile so that it can rejoin.
+/// A commit that cannot finish within [`DRAIN_TIMEOUT`] (brokers gone) is abandoned, so
+/// that shutdown always ends.
 async fn commit_final(
-    consumer: &rdkafka::consumer::StreamConsumer<IngestContext>,
+    consumer: &Arc<rdkafka::consumer::StreamConsumer<IngestContext>>,
     tracker: &OffsetTracker,
 ) {
     let released = tracker.release(|_| true);
@@ -316,7 +318,17 @@ async fn commit_final(
     }
     let offsets = consumer::commit_list(&released);
     for attempt in 1..=COMMIT_ATTEMPTS {
-        match consumer.commit(&offsets, CommitMode::Sync) {
+        let commit = tokio::task::spawn_blocking({
+            let (consumer, offsets) = (consumer.clone(), offsets.clone());
+            move || consumer.commit(&offsets, CommitMode::Sync)
+        });
+        let Ok(Ok(result)) = tokio::time::timeout(DRAIN_TIMEOUT, commit).await else {
+            tracing::warn!(
+                "Final commit did not finish in time; the group keeps the previous commit."
+            );
+            return;
+        };
+        match result {
             Ok(()) => {
                 tracing::info!(partitions = released.len(), "Committed final offsets.");
                 return;

@@ -135,12 +135,14 @@ fn compare_change(op: CmpOp, l: &Node, r: &Node, at: At<'_>) -> Option<Millis> {
         return None;
     }
     let crossing = match (linear(l, at), linear(r, at)) {
-        (Some((ls, li)), Some((rs, ri))) if ls != rs => {
+        (Form::Linear(ls, li), Form::Linear(rs, ri)) if ls != rs => {
             let x = (ri - li) / (ls - rs);
             (x >= at.now as f64).then(|| (x.floor() as Millis).max(at.now + 1))
         }
         // A side grows with time in a way not followed exactly: look again in a second.
-        (None, _) | (_, None) if continuous(l) || continuous(r) => Some(at.now + SECOND),
+        (Form::Other, _) | (_, Form::Other) if continuous(l) || continuous(r) => {
+            Some(at.now + SECOND)
+        }
         _ => None,
     };
     earliest([crossing, ln, rn])
@@ -199,30 +201,45 @@ fn continuous(node: &Node) -> bool {
     }
 }
 
-/// A number, instant or duration node as `slope × t + intercept` around `at.now` (until
-/// its next step), or `None` when it has no such value (missing, text, or not linear).
-fn linear(node: &Node, at: At<'_>) -> Option<(f64, f64)> {
+/// How a number, instant or duration node moves with time until its next step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Form {
+    /// `slope × t + intercept`.
+    Linear(f64, f64),
+    /// No value (a missing instant, text): constant until an event.
+    Missing,
+    /// Some other shape (a product of two growing values).
+    Other,
+}
+
+/// The [`Form`] of a node around `at.now`.
+fn linear(node: &Node, at: At<'_>) -> Form {
     match node {
         Node::Idle(instant) => match at.value(instant) {
-            Value::Time(t) => Some((1.0, -(t as f64))),
-            _ => None,
+            Value::Time(t) => Form::Linear(1.0, -(t as f64)),
+            _ => Form::Missing,
         },
-        Node::Neg(inner) => linear(inner, at).map(|(s, i)| (-s, -i)),
-        Node::Arith(op, l, r) => {
-            let (l, r) = (linear(l, at)?, linear(r, at)?);
-            match op {
-                ArithOp::Add => Some((l.0 + r.0, l.1 + r.1)),
-                ArithOp::Sub => Some((l.0 - r.0, l.1 - r.1)),
-                ArithOp::Mul if l.0 == 0.0 => Some((r.0 * l.1, r.1 * l.1)),
-                ArithOp::Mul if r.0 == 0.0 => Some((l.0 * r.1, l.1 * r.1)),
-                ArithOp::Div if r.0 == 0.0 && r.1 != 0.0 => Some((l.0 / r.1, l.1 / r.1)),
-                _ => None,
-            }
-        }
+        Node::Neg(inner) => match linear(inner, at) {
+            Form::Linear(s, i) => Form::Linear(-s, -i),
+            other => other,
+        },
+        Node::Arith(op, l, r) => match (linear(l, at), linear(r, at)) {
+            (Form::Linear(ls, li), Form::Linear(rs, ri)) => match op {
+                ArithOp::Add => Form::Linear(ls + rs, li + ri),
+                ArithOp::Sub => Form::Linear(ls - rs, li - ri),
+                ArithOp::Mul if ls == 0.0 => Form::Linear(rs * li, ri * li),
+                ArithOp::Mul if rs == 0.0 => Form::Linear(ls * ri, li * ri),
+                ArithOp::Div if rs == 0.0 && ri == 0.0 => Form::Missing,
+                ArithOp::Div if rs == 0.0 => Form::Linear(ls / ri, li / ri),
+                _ => Form::Other,
+            },
+            (Form::Missing, _) | (_, Form::Missing) => Form::Missing,
+            _ => Form::Other,
+        },
         _ => match at.value(node) {
-            Value::Num(n) => Some((0.0, n)),
-            Value::Time(t) | Value::Dur(t) => Some((0.0, t as f64)),
-            _ => None,
+            Value::Num(n) => Form::Linear(0.0, n),
+            Value::Time(t) | Value::Dur(t) => Form::Linear(0.0, t as f64),
+            _ => Form::Missing,
         },
     }
 }

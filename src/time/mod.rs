@@ -10,6 +10,8 @@
 //! same answers and tests control time completely.
 
 pub mod partition;
+#[cfg(test)]
+mod properties;
 pub mod wheel;
 
 use std::fmt::Write as _;

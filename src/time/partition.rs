@@ -99,7 +99,8 @@ pub struct Applied {
     pub outcome: Outcome,
     /// It was older than the watermark.
     pub late: bool,
-    /// Timers of other customers that the advanced watermark fired.
+    /// Timers fired: the event's customer's, due by its time, and others' that the
+    /// advanced watermark made due.
     pub timers_fired: u64,
 }
 
@@ -124,14 +125,19 @@ impl PartitionTime {
     ) -> Applied {
         let late = self.watermark.observe(event.ts, wall_now);
         let outcome = engine.apply(event, out);
+        let mut timers_fired = 0;
         if let Outcome::Applied {
-            timer: TimerUpdate::Set(deadline),
+            timer,
+            timers_fired: caught_up,
             ..
         } = outcome
         {
-            self.timers.schedule(&event.customer_id, deadline);
+            timers_fired += u64::from(caught_up);
+            if let TimerUpdate::Set(deadline) = timer {
+                self.timers.schedule(&event.customer_id, deadline);
+            }
         }
-        let timers_fired = engine.fire_due(&mut self.timers, self.watermark.current(), out);
+        timers_fired += engine.fire_due(&mut self.timers, self.watermark.current(), out);
         Applied {
             outcome,
             late,

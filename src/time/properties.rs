@@ -1,0 +1,233 @@
+//! Property tests of time as a whole: deadlines are never late, and replay's answer does
+//! not depend on how customers' events interleave within the lateness bound.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::partition::{PartitionTime, TimeSettings};
+use super::{DAY, HOUR, MINUTE, Millis, SECOND};
+use crate::emit::change::{Cause, SegmentChange};
+use crate::engine::Engine;
+use crate::event::parse_event;
+use crate::rules::eval::{Scope, eval};
+use crate::rules::{RuleSet, SegmentDef};
+use crate::state::new_store;
+
+const START: Millis = 1_780_000_000_000;
+const SESSION_GAP: Millis = 30 * MINUTE;
+
+/// Rules that read time in every way the language allows.
+fn timed_rules() -> Vec<SegmentDef> {
+    let mut high_value = SegmentDef::new("high_value", "sum(purchase.revenue, 90d) >= 100");
+    high_value.exit = Some("sum(purchase.revenue, 90d) < 60".into());
+    vec![
+        high_value,
+        SegmentDef::new(
+            "cart_abandoner",
+            "cart.items > 0 and idle(cart.updated_at) >= 30m",
+        ),
+        SegmentDef::new(
+            "exit_intent_with_cart",
+            "within(last(exit_intent), 2m) and cart.value > 0",
+        ),
+        SegmentDef::new(
+            "browsers",
+            "count(product_view, 7d) >= 4 and count(purchase, 30d) == 0",
+        ),
+        SegmentDef::new(
+            "lapsed",
+            "count(purchase) >= 1 and idle(last(purchase)) > 20d",
+        ),
+        SegmentDef::new(
+            "abandoned_product",
+            "not_followed(add_to_cart, purchase, 1h, by = product_id)",
+        ),
+        SegmentDef::new("runner", "top(product_view.category, 1d) == 'running'"),
+        SegmentDef::new("engaged", "session.active and session.page_views >= 2"),
+        SegmentDef::new("three_recent", "count(page_view, 10m) == 3"),
+        SegmentDef::new("narrow", "distinct(product_view.category, 1h) < 2"),
+        SegmentDef::new("slow_return", "idle(last(page_view)) * 2 > 1h"),
+        SegmentDef::new("fresh", "customer.first_seen + 2h > customer.last_seen"),
+        SegmentDef::new(
+            "vip_lapsed",
+            "in_segment(high_value) and in_segment(lapsed)",
+        ),
+    ]
+}
+
+fn engine() -> Engine {
+    Engine::new(
+        Arc::new(RuleSet::compile(&timed_rules()).unwrap()),
+        new_store(),
+        SESSION_GAP,
+    )
+}
+
+/// One generated event: (customer, kind, product/category choice, gap before it).
+type Step = (u8, u8, u8, Millis);
+
+fn steps(customers: u8) -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        (
+            0..customers,
+            0u8..7,
+            0u8..3,
+            prop_oneof![
+                0i64..5 * SECOND,
+                0i64..20 * MINUTE,
+                0i64..3 * HOUR,
+                0i64..25 * DAY
+            ],
+        ),
+        1..60,
+    )
+}
+
+/// The events of `steps`, in time order, as JSON.
+fn events(steps: &[Step]) -> Vec<(Millis, String)> {
+    let mut ts = START;
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, &(customer, kind, choice, gap))| {
+            ts += gap;
+            let product = ["p-1", "p-2", "p-3"][usize::from(choice)];
+            let category = ["running", "tennis", "bags"][usize::from(choice)];
+            let body = match kind {
+                0 => r#""type":"page_view""#.to_owned(),
+                1 => format!(
+                    r#""type":"product_view","properties":{{"product_id":"{product}","category":"{category}"}}"#
+                ),
+                2 => format!(
+                    r#""type":"add_to_cart","properties":{{"product_id":"{product}","price":30}}"#
+                ),
+                3 => format!(
+                    r#""type":"purchase","properties":{{"revenue":70,"items":[{{"product_id":"{product}","price":70}}]}}"#
+                ),
+                4 => r#""type":"exit_intent""#.to_owned(),
+                5 => format!(r#""type":"remove_from_cart","properties":{{"product_id":"{product}"}}"#),
+                _ => r#""type":"search""#.to_owned(),
+            };
+            (
+                ts,
+                format!(r#"{{"event_id":"e{i}","customer_id":"c{customer}","ts":{ts},{body}}}"#),
+            )
+        })
+        .collect()
+}
+
+/// Each customer's changes: (segment, transition, at, seq, cause kind), in order.
+fn per_customer(changes: &[SegmentChange]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in changes {
+        let cause = match &c.cause {
+            Cause::Event { event_id, .. } => format!("event {event_id:?}"),
+            other => format!("{other:?}"),
+        };
+        out.entry(c.customer_id.to_string())
+            .or_default()
+            .push(format!(
+                "{} {:?} {} {} {cause}",
+                c.segment, c.transition, c.at, c.seq
+            ));
+    }
+    out
+}
+
+fn replay(events: &[(Millis, String)], lateness: Millis, until: Millis) -> Vec<SegmentChange> {
+    let engine = engine();
+    let mut time = PartitionTime::new(
+        TimeSettings {
+            allowed_lateness: lateness,
+            idle_timeout: None,
+        },
+        0,
+    );
+    let mut out = Vec::new();
+    for (_, json) in events {
+        let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
+        let applied = time.apply(&engine, &event, 0, &mut out);
+        assert!(!applied.late, "the generated streams stay within the bound");
+    }
+    time.finish(&engine, until, &mut out);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A customer's deadline is never late: at every instant before it, each time-dependent
+    /// rule the customer is subject to has the answer it had when the deadline was set.
+    #[test]
+    fn no_rule_changes_before_the_deadline(steps in steps(1), probes in prop::collection::vec(0.0f64..1.0, 8)) {
+        let engine = engine();
+        let rules = engine.rules().clone();
+        let mut out = Vec::new();
+        for (_, json) in events(&steps) {
+            let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
+            engine.apply(&event, &mut out);
+            let entry = engine.store().get(&*event.customer_id).unwrap();
+            let state = entry.value();
+            let now = state.clock;
+            let horizon = state.timer.unwrap_or(now + 200 * DAY);
+            prop_assert!(horizon > now);
+            let answers = |at: Millis| -> Vec<bool> {
+                rules.timed.iter().map(|&index| {
+                    let segment = &rules.segments[usize::from(index)];
+                    let rule = match (state.is_member(index), &segment.exit) {
+                        (true, Some(exit)) => exit,
+                        _ => &segment.enter,
+                    };
+                    let scope = Scope::Customer { state, now: at, session_gap: SESSION_GAP };
+                    eval(&rule.node, scope, &rules.slots).is_true()
+                }).collect()
+            };
+            let at_now = answers(now);
+            let mut instants: Vec<Millis> = probes
+                .iter()
+                .map(|p| now + 1 + ((horizon - now - 1) as f64 * p) as Millis)
+                .collect();
+            instants.push(horizon - 1);
+            for at in instants.into_iter().filter(|&t| t > now && t < horizon) {
+                prop_assert_eq!(answers(at), at_now.clone(), "changed at {} before the deadline {:?} (now {})", at, state.timer, now);
+            }
+        }
+    }
+
+    /// Interleaving customers' events differently — each moved by no more than the allowed
+    /// lateness, each customer's own order kept — gives every customer exactly the same
+    /// changes as the time-ordered stream: timers that fire on the watermark fire the same
+    /// way as those a customer's next event catches up.
+    #[test]
+    fn interleaving_within_the_lateness_bound_changes_nothing(
+        steps in steps(4),
+        swaps in prop::collection::vec(any::<prop::sample::Index>(), 0..200),
+    ) {
+        let lateness = 10 * MINUTE;
+        let sorted = events(&steps);
+        let mut shuffled = sorted.clone();
+        for swap in swaps {
+            let i = swap.index(shuffled.len().max(2) - 1);
+            if i + 1 >= shuffled.len() {
+                continue;
+            }
+            let (a, b) = (&shuffled[i], &shuffled[i + 1]);
+            let customer = |json: &str| json.split("customer_id\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+            // Swapping a later event before an earlier one: allowed while every event stays
+            // within the bound of the highest time before it.
+            let highest_before = shuffled[..i].iter().map(|e| e.0).max().unwrap_or(Millis::MIN);
+            let fits = b.0.max(highest_before) - a.0 <= lateness
+                && highest_before.saturating_sub(b.0) <= lateness;
+            if customer(&a.1) != customer(&b.1) && fits {
+                shuffled.swap(i, i + 1);
+            }
+        }
+        let until = sorted.last().unwrap().0 + 90 * DAY;
+        prop_assert_eq!(
+            per_customer(&replay(&shuffled, lateness, until)),
+            per_customer(&replay(&sorted, lateness, until))
+        );
+    }
+}
