@@ -247,6 +247,8 @@ async fn run_stops_cleanly_on_sigterm() {
         .env("SEGMENTD_KAFKA__BROKERS", mock.bootstrap_servers())
         .env("SEGMENTD_KAFKA__INPUT_TOPICS", "[clickstream]")
         .env("SEGMENTD_KAFKA__COMMIT_INTERVAL", "1h")
+        // Event time only: the purchase dated 1970 would otherwise lapse by the wall clock.
+        .env("SEGMENTD_TIME__IDLE_TIMEOUT", "100000d")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

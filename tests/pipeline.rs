@@ -9,6 +9,7 @@ use common::{
     DEAD, INPUT, OUTPUT, Service, check_committed, embedded_broker, http_get, http_request,
     producer, read_records, script_round_trip, test_config, wait_for,
 };
+use segmentd::time::partition::PartitionTime;
 use serde_json::Value;
 
 /// Proves the at-least-once pipeline end to end: the scripted events of the golden cart
@@ -32,8 +33,8 @@ async fn events_in_changes_and_dead_letters_out_offsets_committed() {
     let customer: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(customer["segments"][0]["segment"], "abandoned_product");
     assert_eq!(
-        customer["segments"][0]["entered_at"],
-        "2026-03-01T11:10:00.000Z"
+        customer["segments"][0]["entered_at"], "2026-03-01T11:01:00.001Z",
+        "by timer, an hour after p-2 was added"
     );
     assert_eq!(customer["state"]["customer"]["purchases"], 1);
     let (status, body) = http_get(service.http, "/customers/nobody").await;
@@ -151,6 +152,7 @@ async fn run_on_partitions_equals_replay() {
         segmentd::state::new_store(),
         config.time.session_gap.millis(),
     );
+    let mut replay_time = PartitionTime::new(config.time.replay(), 0);
     let mut generator = Generator::new(GeneratorConfig {
         seed: 3,
         customers: 60,
@@ -160,14 +162,27 @@ async fn run_on_partitions_equals_replay() {
     let messages: Vec<_> = (0..3_000)
         .map(|i| generator.next_at(1_767_225_600_000 + i * 20_000))
         .collect();
-    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Time runs on 100 days past the traffic, so that every timer (lapsed buyers
+    // included) fires: in replay by `--until`, in `run` by the wall clock of idle partitions.
+    let until = 1_767_225_600_000 + 3_000 * 20_000 + 100 * segmentd::time::DAY;
     let mut changes = Vec::new();
     for message in &messages {
         if let Ok(event) =
             segmentd::event::parse_event(&message.payload, config.limits.max_event_bytes)
         {
-            changes.clear();
-            replay.apply(&event, &mut changes);
+            replay_time.apply(&replay, &event, 0, &mut changes);
+        }
+    }
+    replay_time.finish(&replay, until, &mut changes);
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.cause == segmentd::emit::change::Cause::Timer),
+        "timers fire"
+    );
+    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    {
+        {
             for change in &changes {
                 let line = format!(
                     "{} {} {} {} {}",
@@ -187,11 +202,28 @@ async fn run_on_partitions_equals_replay() {
     let total: usize = expected.values().map(Vec::len).sum();
     assert!(total > 100, "the traffic causes changes: {total}");
 
-    let service = Service::start(config).await;
+    let clock = segmentd::time::WallClock::manual(0);
+    let service = Service::start_with_clock(config.clone(), clock.clone()).await;
     let producer = producer(&brokers);
     for message in &messages {
         common::produce(&producer, INPUT, Some(&message.key), &message.payload).await;
     }
+    // Every message processed (its offset committed) before the clock moves: a partition
+    // is idle only once its last message is behind it.
+    wait_for(
+        "every message processed",
+        Duration::from_secs(60),
+        async || {
+            let committed: i64 = (0..4)
+                .map(|p| {
+                    common::committed_offset(&brokers, "run-equals-replay", INPUT, p).unwrap_or(0)
+                })
+                .sum();
+            (committed == messages.len() as i64).then_some(())
+        },
+    )
+    .await;
+    clock.set(until + config.time.allowed_lateness.millis());
     let records = read_records(&brokers, OUTPUT, total, Duration::from_secs(60)).await;
     let mut actual: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for record in &records {

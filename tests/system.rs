@@ -134,6 +134,10 @@ async fn the_binary_against_a_standalone_broker() {
         .env("SEGMENTD_KAFKA__INPUT_TOPICS", format!("[{INPUT}]"))
         .env("SEGMENTD_KAFKA__GROUP_ID", GROUP)
         .env("SEGMENTD_KAFKA__COMMIT_INTERVAL", "200ms")
+        // The scripted events are from March 2026: with the wall clock moving an idle
+        // partition's watermark, timers due months later (a lapsed buyer) would fire too.
+        // Event time alone, as in the other pipeline tests.
+        .env("SEGMENTD_TIME__IDLE_TIMEOUT", "100000d")
         .env("SEGMENTD_HTTP__LISTEN", http.to_string())
         .stderr(std::fs::File::create(&service_log).unwrap())
         .spawn()

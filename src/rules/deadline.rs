@@ -136,8 +136,18 @@ fn compare_change(op: CmpOp, l: &Node, r: &Node, at: At<'_>) -> Option<Millis> {
     }
     let crossing = match (linear(l, at), linear(r, at)) {
         (Form::Linear(ls, li), Form::Linear(rs, ri)) if ls != rs => {
-            let x = (ri - li) / (ls - rs);
-            (x >= at.now as f64).then(|| (x.floor() as Millis).max(at.now + 1))
+            // l − r = slope × t + offset crosses zero at x; past x its sign is settled.
+            let (slope, offset) = (ls - rs, li - ri);
+            let x = -offset / slope;
+            let holds =
+                |t: Millis| compare(op, Value::Num(slope * t as f64 + offset), Value::Num(0.0));
+            if x.floor() > at.now as f64 {
+                Some(x.floor() as Millis)
+            } else if x >= at.now as f64 && holds(at.now + 1) != holds(at.now) {
+                Some(at.now + 1)
+            } else {
+                None
+            }
         }
         // A side grows with time in a way not followed exactly: look again in a second.
         (Form::Other, _) | (_, Form::Other) if continuous(l) || continuous(r) => {

@@ -226,6 +226,9 @@ impl Record {
     }
 }
 
+/// How many reads the test process has made: each reads in its own group.
+static READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Reads exactly `count` records from `topic` (from the start), failing after `limit`,
 /// then checks for a short while that no further record arrives.
 pub async fn read_records(
@@ -236,7 +239,16 @@ pub async fn read_records(
 ) -> Vec<Record> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{topic}-{}", std::process::id()))
+        // A fresh group per read: a test may read a topic again, and a second member of one
+        // group would wait for the first to time out.
+        .set(
+            "group.id",
+            format!(
+                "reader-{topic}-{}-{}",
+                std::process::id(),
+                READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "5")
