@@ -28,7 +28,11 @@ pub struct CustomerState {
     pub session: Session,
     /// Profile traits from `identify`; the latest value of each wins.
     pub traits: Props,
-    /// The latest context seen (device, country, city, utm_source, …); latest wins per key.
+    /// When the latest `identify` happened: an older one arriving later fills only
+    /// traits not yet known.
+    pub traits_at: Option<Millis>,
+    /// The latest context seen (device, country, city, utm_source, …); latest wins per key
+    /// (by event time: an out-of-order event fills only keys not yet known).
     pub context: Props,
     /// How often each category was viewed or added to the cart.
     pub categories: Vec<(Box<str>, u32)>,
@@ -76,6 +80,9 @@ pub struct Cart {
     pub lines: Vec<Item>,
     /// When the cart last changed.
     pub updated_at: Option<Millis>,
+    /// When a purchase last emptied it: a cart change from before then, arriving late, was
+    /// settled by that purchase and is ignored.
+    pub emptied_at: Option<Millis>,
 }
 
 impl Cart {
@@ -151,13 +158,14 @@ impl CustomerState {
             c.first_seen = event.ts;
             c.last_seen = event.ts;
         }
+        let latest = event.ts >= c.last_seen;
         c.first_seen = c.first_seen.min(event.ts);
         c.last_seen = c.last_seen.max(event.ts);
         c.events += 1;
 
         self.update_session(event, session_gap);
         for (key, value) in &event.context {
-            remember(&mut self.context, key, value);
+            remember(&mut self.context, key, value, latest);
         }
         match &*event.event_type {
             "add_to_cart" => self.add_to_cart(event),
@@ -165,8 +173,10 @@ impl CustomerState {
             "purchase" => self.purchase(event),
             "refund" => self.customer.revenue -= event.revenue.unwrap_or(0.0),
             "identify" => {
+                let newer = self.traits_at.is_none_or(|at| event.ts >= at);
+                self.traits_at = Some(self.traits_at.map_or(event.ts, |t| t.max(event.ts)));
                 for (key, value) in &event.traits {
-                    remember(&mut self.traits, key, value);
+                    remember(&mut self.traits, key, value, newer);
                 }
             }
             _ => {}
@@ -197,8 +207,16 @@ impl CustomerState {
         }
     }
 
+    /// Whether a cart change at `at` came before the purchase that last emptied the cart.
+    fn settled_by_purchase(&self, at: Millis) -> bool {
+        self.cart.emptied_at.is_some_and(|emptied| at < emptied)
+    }
+
     fn add_to_cart(&mut self, event: &Event) {
         let Ok(line) = product_of(event) else { return };
+        if self.settled_by_purchase(event.ts) {
+            return;
+        }
         let lines = &mut self.cart.lines;
         match lines.iter().position(|l| l.product_id == line.product_id) {
             Some(pos) => {
@@ -213,6 +231,9 @@ impl CustomerState {
 
     fn remove_from_cart(&mut self, event: &Event) {
         let Ok(line) = product_of(event) else { return };
+        if self.settled_by_purchase(event.ts) {
+            return;
+        }
         let explicit_quantity = event.property("quantity").is_some();
         if let Some(pos) = self
             .cart
@@ -235,7 +256,16 @@ impl CustomerState {
         c.revenue += event.revenue.unwrap_or(0.0);
         c.first_purchase_at = Some(c.first_purchase_at.map_or(event.ts, |t| t.min(event.ts)));
         c.last_purchase_at = Some(c.last_purchase_at.map_or(event.ts, |t| t.max(event.ts)));
-        self.cart.lines.clear();
+        if self.cart.updated_at.is_none_or(|t| event.ts >= t) {
+            self.cart.lines.clear();
+            self.cart.emptied_at = Some(event.ts);
+        } else {
+            // A late purchase: the cart changed after it, so only the products it bought
+            // leave the cart.
+            self.cart
+                .lines
+                .retain(|l| !event.items.iter().any(|i| i.product_id == l.product_id));
+        }
         self.touch_cart(event.ts);
         for item in &event.items {
             if let Some(category) = &item.category {
@@ -309,9 +339,15 @@ impl CustomerState {
 }
 
 /// Sets a trait or context key, ignoring new keys once [`MAX_PROPS`] are kept.
-fn remember(props: &mut Props, key: &str, value: &crate::event::PropValue) {
-    if props.len() < MAX_PROPS || lookup(props, key).is_some() {
-        upsert(props, key, value);
+/// Keeps `key = value`: replacing an older value when `newer` (the event is the latest of
+/// its kind), otherwise only filling a key not yet known — an out-of-order event does not
+/// overwrite what a later one said.
+fn remember(props: &mut Props, key: &str, value: &crate::event::PropValue, newer: bool) {
+    match lookup(props, key) {
+        Some(_) if newer => upsert(props, key, value),
+        Some(_) => {}
+        None if props.len() < MAX_PROPS => upsert(props, key, value),
+        None => {}
     }
 }
 
@@ -348,6 +384,72 @@ mod tests {
 
     fn event(json: &str) -> Event {
         parse_event(json.as_bytes(), 1 << 16).unwrap()
+    }
+
+    #[test]
+    fn out_of_order_events_are_applied_where_they_belong() {
+        let mut state = CustomerState::default();
+        let gap = 30 * MINUTE;
+        let apply = |state: &mut CustomerState, json: &str| state.apply_builtin(&event(json), gap);
+        apply(
+            &mut state,
+            r#"{"type":"add_to_cart","customer_id":"c","ts":1000,"properties":{"product_id":"p-1","price":10}}"#,
+        );
+        apply(
+            &mut state,
+            r#"{"type":"purchase","customer_id":"c","ts":3000,"properties":{"items":[{"product_id":"p-1"}]}}"#,
+        );
+        // An add from before the purchase, arriving after it: already settled.
+        apply(
+            &mut state,
+            r#"{"type":"add_to_cart","customer_id":"c","ts":2000,"properties":{"product_id":"p-2","price":5}}"#,
+        );
+        assert_eq!(
+            state.cart.items(),
+            0.0,
+            "the purchase emptied the cart after it"
+        );
+        assert_eq!(state.cart.updated_at, Some(3000));
+        // A late purchase removes only what it bought from a cart that changed since.
+        apply(
+            &mut state,
+            r#"{"type":"add_to_cart","customer_id":"c","ts":5000,"properties":{"product_id":"p-3","price":5}}"#,
+        );
+        apply(
+            &mut state,
+            r#"{"type":"add_to_cart","customer_id":"c","ts":6000,"properties":{"product_id":"p-4","price":5}}"#,
+        );
+        apply(
+            &mut state,
+            r#"{"type":"purchase","customer_id":"c","ts":5500,"properties":{"items":[{"product_id":"p-3"}]}}"#,
+        );
+        let products: Vec<&str> = state.cart.lines.iter().map(|l| &*l.product_id).collect();
+        assert_eq!(products, ["p-4"]);
+        // Traits and context: the latest by event time wins, whatever the arrival order.
+        apply(
+            &mut state,
+            r#"{"type":"identify","customer_id":"c","ts":9000,"traits":{"tier":"gold"},"context":{"country":"DE"}}"#,
+        );
+        apply(
+            &mut state,
+            r#"{"type":"identify","customer_id":"c","ts":8000,"traits":{"tier":"silver","age":40},"context":{"country":"FR","device":"mobile"}}"#,
+        );
+        assert_eq!(
+            lookup(&state.traits, "tier").unwrap().as_str(),
+            Some("gold")
+        );
+        assert!(
+            lookup(&state.traits, "age").is_some(),
+            "an unknown trait is still filled in"
+        );
+        assert_eq!(
+            lookup(&state.context, "country").unwrap().as_str(),
+            Some("DE")
+        );
+        assert_eq!(
+            lookup(&state.context, "device").unwrap().as_str(),
+            Some("mobile")
+        );
     }
 
     #[test]

@@ -248,6 +248,35 @@ mod tests {
             prop_assert_eq!(got.count, want.count);
         }
 
+        /// Against an oracle that keeps every event's exact time, at and around every edge
+        /// (each event's time plus W − 1, W, W + g − 1 and W + g): the window counts every
+        /// event less than W old and none W + g old or older.
+        #[test]
+        fn window_edges_against_exact_timestamps(
+            window in prop_oneof![Just(10 * SECOND), Just(30 * MINUTE), Just(7 * DAY), 1_000i64..100_000_000],
+            mut times in prop::collection::vec(0i64..1_000_000_000, 1..40),
+        ) {
+            times.sort_unstable();
+            let g = granularity(window);
+            let mut w = BucketWindow::<u32>::default();
+            for &at in &times {
+                w.add(at, &1, window, at);
+            }
+            let latest = *times.last().unwrap();
+            let mut probes: Vec<Millis> = times
+                .iter()
+                .flat_map(|&at| [at + window - 1, at + window, at + window + g - 1, at + window + g])
+                .filter(|&now| now >= latest)
+                .collect();
+            probes.push(latest);
+            for now in probes {
+                let younger_than = |age: Millis| times.iter().filter(|&&at| at <= now && now - at < age).count() as u32;
+                let got = w.total(window, now);
+                prop_assert!(got >= younger_than(window), "an event dropped early at {now}");
+                prop_assert!(got <= younger_than(window + g), "an event held a bucket too long at {now}");
+            }
+        }
+
         /// At most 65 buckets are ever live, however many events arrive.
         #[test]
         fn live_buckets_are_bounded(times in prop::collection::vec(0i64..100_000_000, 1..500)) {
