@@ -1,16 +1,18 @@
 //! segmentd — a real-time customer segmenter.
 //!
 //! Kafka consumers ingest clickstream and purchase events, keep per-customer behavioural
-//! state, re-evaluate segment rules on every event, and publish segment changes to an
-//! output topic.
+//! state, re-evaluate segment rules on every event (and on timers, when time alone
+//! changes a rule's answer), and publish segment changes to an output topic.
 //!
 //! # Layout
 //!
 //! - [`config`]: the one config tree, from TOML with environment overrides.
 //! - [`event`]: input formats (native, Segment spec) → one typed event.
 //! - [`state`]: per-customer state, sliding windows, the concurrent customer store.
-//! - [`rules`]: the rule language: parse, type-check, compile, evaluate.
-//! - [`time`]: timestamps and durations; rules are evaluated at a time passed in.
+//! - [`rules`]: the rule language: parse, type-check, compile, evaluate, and when a rule
+//!   can next change with time alone.
+//! - [`time`]: timestamps and durations, partition watermarks, the timer wheel, the wall
+//!   clock (manual in tests); rules are evaluated at a time passed in.
 //! - [`engine`]: one event in, segment changes out; pure.
 //! - [`emit`]: segment-change records, the producer, dead letters.
 //! - [`ingest`]: the Kafka consumer loop, offsets, shutdown.
