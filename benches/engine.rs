@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the pure engine on generated traffic with the reference rules:
-//! parsing each input format, and the whole per-event path (parse, state, rules).
+//! parsing each input format, the whole per-event path (parse, state, rules, deadlines),
+//! and the timer wheel's cost against the number of timers pending.
 //! Run: `cargo bench --bench engine`. Results and machine in BENCHMARKS.md.
 
 use std::hint::black_box;
@@ -11,6 +12,7 @@ use segmentd::engine::Engine;
 use segmentd::event::parse_event;
 use segmentd::generate::{Format, Generator, GeneratorConfig};
 use segmentd::state::new_store;
+use segmentd::time::wheel::TimerWheel;
 
 const EVENTS: usize = 20_000;
 
@@ -80,5 +82,62 @@ fn per_event_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parsing, per_event_path);
+/// Timer cost against the number pending: with 10 thousand and with 1 million timers in
+/// the wheel, moving 10,000 customers' timers and firing 10,000 due ones.
+fn timers(c: &mut Criterion) {
+    const OPS: u64 = 10_000;
+    let mut group = c.benchmark_group("timers");
+    group.throughput(Throughput::Elements(OPS));
+    group.sample_size(10);
+    for pending in [10_000u64, 1_000_000] {
+        let start: i64 = 1_767_225_600_000;
+        // Deadlines spread over 60 days, pseudo-random.
+        let deadline =
+            |i: u64| start + ((i.wrapping_mul(2_654_435_761) % 5_184_000) as i64) * 1_000;
+        let ids: Vec<String> = (0..pending).map(|i| format!("c-{i}")).collect();
+        let mut wheel = TimerWheel::new();
+        for (i, id) in ids.iter().enumerate() {
+            wheel.schedule(id, Some(deadline(i as u64)));
+        }
+        group.bench_function(format!("move_{pending}_pending"), |b| {
+            let mut round = 0u64;
+            b.iter(|| {
+                round += 1;
+                for i in 0..OPS {
+                    let id = &ids[((i * 7919 + round) % pending) as usize];
+                    wheel.schedule(id, Some(deadline(i + round * OPS)));
+                }
+            })
+        });
+        group.bench_function(format!("fire_{pending}_pending"), |b| {
+            b.iter_batched(
+                || {
+                    // Keep `pending` timers, OPS of them due at the watermark.
+                    let mut wheel = TimerWheel::new();
+                    for (i, id) in ids.iter().enumerate() {
+                        let at = if (i as u64) < OPS {
+                            start + i as i64
+                        } else {
+                            deadline(i as u64) + 86_400_000
+                        };
+                        wheel.schedule(id, Some(at));
+                    }
+                    wheel
+                },
+                |mut wheel| {
+                    let mut fired = 0;
+                    while wheel.pop_due(start + OPS as i64).is_some() {
+                        fired += 1;
+                    }
+                    assert_eq!(fired, OPS);
+                    wheel
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, parsing, per_event_path, timers);
 criterion_main!(benches);

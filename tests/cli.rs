@@ -127,7 +127,7 @@ fn replay_writes_changes_and_state_from_plain_and_gzipped_input() {
         let stderr = text(&out.stderr);
         assert!(
             stderr.contains(
-                "9 events applied (0 late), 1 duplicates, 2 invalid, 7 segment changes, 5 timers fired, 2 customers"
+                "9 events applied (0 late), 1 duplicates, 2 invalid, 7 segment changes, 4 timers fired, 2 customers"
             ),
             "{stderr}"
         );
