@@ -16,7 +16,8 @@ use crate::telemetry::Metrics;
 
 /// What each produced record carries back to its delivery callback.
 pub struct Ticket {
-    /// The input partition of the message that caused the record.
+    /// The input partition of the message that caused the record; for a change fired by
+    /// an idle partition's timer, `("(timer)", partition number)` (used in logs only).
     pub partition: PartitionKey,
     /// That message's offset; `None` for a change fired by an idle partition's timer,
     /// which answers to no input message.
