@@ -627,6 +627,21 @@ impl RuleCompiler<'_, '_> {
                         rt.name()
                     ),
                 })?;
+                let nonlinear = match arith {
+                    ArithOp::Mul => grows_with_time(&l) && grows_with_time(&r),
+                    ArithOp::Div => grows_with_time(&r),
+                    ArithOp::Add | ArithOp::Sub => false,
+                };
+                if nonlinear {
+                    return error(
+                        Span {
+                            start: lhs.span.start,
+                            end: rhs.span.end,
+                        },
+                        "a rule cannot multiply two `idle` values or divide by one: its timer could not be \
+                         computed; compare each `idle` with a duration instead",
+                    );
+                }
                 Ok((Node::Arith(arith, l, r), ty))
             }
             BinaryOp::In => unreachable!("handled above"),
@@ -1116,6 +1131,18 @@ fn expect_type(ty: Type, want: Type, span: Span, what: &str) -> Result<(), Compi
             span,
             format!("{what} needs {}, but this is {}", want.name(), ty.name()),
         )
+    }
+}
+
+/// Whether a value grows with time between events: it reads `idle` (outside any
+/// aggregate). A rule may add, subtract and scale such values — their timers are solved
+/// exactly — but not multiply two of them or divide by one.
+pub fn grows_with_time(node: &Node) -> bool {
+    match node {
+        Node::Idle(_) => true,
+        Node::Neg(inner) => grows_with_time(inner),
+        Node::Arith(_, l, r) => grows_with_time(l) || grows_with_time(r),
+        _ => false,
     }
 }
 

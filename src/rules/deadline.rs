@@ -4,8 +4,10 @@
 //! Between events a customer's state is fixed, so a rule's inputs move only in two
 //! ways: piecewise-constant ones step (a window's oldest bucket leaves it, a session's
 //! gap passes, a `not_followed` wait runs out) and `idle(t)` grows one millisecond per
-//! millisecond. [`next_change`] returns the earliest instant after `now` at which any
-//! step happens or a comparison with an `idle` value crosses its threshold. It may be
+//! millisecond — every value a rule computes from it is linear in time (the compiler
+//! refuses anything else), so [`next_change`] returns the earliest instant after `now` at
+//! which any step happens or a comparison with an `idle` value crosses its threshold,
+//! solved exactly. It may be
 //! early — the timer then fires, nothing changes, and the next deadline is computed
 //! from there — but it is never late, which the property tests check by evaluating the
 //! rule at every instant up to the deadline.
@@ -15,11 +17,11 @@
 //! stable true side true), and a windowed `count`/`distinct` only falls with time, so
 //! `count(…) >= n` that is false now stays false.
 
-use super::compile::{AggOp, ArithOp, CmpOp, Node, SlotSpec, StateField};
+use super::compile::{AggOp, ArithOp, CmpOp, Node, SlotSpec, StateField, grows_with_time};
 use super::eval::{Scope, Value, compare, eval, session_open};
 use crate::state::CustomerState;
 use crate::state::slots::SlotState;
-use crate::time::{Millis, SECOND};
+use crate::time::Millis;
 
 /// What a rule is evaluated against: the customer at `now`.
 #[derive(Clone, Copy)]
@@ -149,10 +151,6 @@ fn compare_change(op: CmpOp, l: &Node, r: &Node, at: At<'_>) -> Option<Millis> {
                 None
             }
         }
-        // A side grows with time in a way not followed exactly: look again in a second.
-        (Form::Other, _) | (_, Form::Other) if continuous(l) || continuous(r) => {
-            Some(at.now + SECOND)
-        }
         _ => None,
     };
     earliest([crossing, ln, rn])
@@ -179,7 +177,7 @@ fn falling_settled(
             ..
         }
     );
-    if !falling || bound_next.is_some() || continuous(bound) {
+    if !falling || bound_next.is_some() || grows_with_time(bound) {
         return false;
     }
     let holds = compare(op, at.value(count), at.value(bound));
@@ -201,25 +199,15 @@ fn mirror(op: CmpOp) -> CmpOp {
     }
 }
 
-/// Whether a node's value grows with time between events (it reads `idle`).
-fn continuous(node: &Node) -> bool {
-    match node {
-        Node::Idle(_) => true,
-        Node::Neg(inner) => continuous(inner),
-        Node::Arith(_, l, r) => continuous(l) || continuous(r),
-        _ => false,
-    }
-}
-
-/// How a number, instant or duration node moves with time until its next step.
+/// How a number, instant or duration node moves with time until its next step. Every
+/// value a compiled rule can hold is linear in time: the compiler refuses products of two
+/// growing values and division by one ([`grows_with_time`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Form {
     /// `slope × t + intercept`.
     Linear(f64, f64),
-    /// No value (a missing instant, text): constant until an event.
+    /// No value (a missing instant, text, a division by zero): constant until an event.
     Missing,
-    /// Some other shape (a product of two growing values).
-    Other,
 }
 
 /// The [`Form`] of a node around `at.now`.
@@ -239,12 +227,11 @@ fn linear(node: &Node, at: At<'_>) -> Form {
                 ArithOp::Sub => Form::Linear(ls - rs, li - ri),
                 ArithOp::Mul if ls == 0.0 => Form::Linear(rs * li, ri * li),
                 ArithOp::Mul if rs == 0.0 => Form::Linear(ls * ri, li * ri),
-                ArithOp::Div if rs == 0.0 && ri == 0.0 => Form::Missing,
-                ArithOp::Div if rs == 0.0 => Form::Linear(ls / ri, li / ri),
-                _ => Form::Other,
+                ArithOp::Div if rs == 0.0 && ri != 0.0 => Form::Linear(ls / ri, li / ri),
+                // Products of two growing values and division by one do not compile.
+                ArithOp::Mul | ArithOp::Div => Form::Missing,
             },
-            (Form::Missing, _) | (_, Form::Missing) => Form::Missing,
-            _ => Form::Other,
+            _ => Form::Missing,
         },
         _ => match at.value(node) {
             Value::Num(n) => Form::Linear(0.0, n),

@@ -110,6 +110,25 @@ fn an_event_only_re_evaluates_the_segments_it_can_change() {
 }
 
 #[test]
+fn time_arithmetic_that_cannot_be_timed_is_refused_and_linear_arithmetic_is_not() {
+    for text in [
+        "idle(last(purchase)) / 1d * idle(last(page_view)) > 1h",
+        "1h / idle(last(purchase)) > 2",
+    ] {
+        let err = one_error(&[SegmentDef::new("s", text)]);
+        assert!(
+            err.message.contains("cannot multiply two `idle` values"),
+            "{text}: {err}"
+        );
+    }
+    RuleSet::compile(&[SegmentDef::new(
+        "s",
+        "idle(last(purchase)) * 2 - idle(last(page_view)) / 3 > 1h",
+    )])
+    .expect("sums and scalings of idle values are timed exactly");
+}
+
+#[test]
 fn an_unknown_name_is_an_error_with_line_and_column() {
     let err = one_error(&[SegmentDef::new("s", "cart.items > 0 and cart.itemz > 1")]);
     assert_eq!(
