@@ -150,6 +150,21 @@ pub struct TimeConfig {
     /// Inactivity after which a session closes (`session.active` turns false) and the
     /// customer's next event starts a new one.
     pub session_gap: HumanDuration,
+    /// When events are applied: on arrival (lowest latency), or held until the watermark
+    /// passes them and applied in event-time order (exact under disorder within
+    /// `allowed_lateness`, at the cost of that much latency).
+    pub order: EventOrder,
+}
+
+/// `time.order`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventOrder {
+    /// Apply each event as it arrives.
+    #[default]
+    Arrival,
+    /// Hold each event until the watermark passes it; apply in event-time order.
+    EventTime,
 }
 
 impl Default for TimeConfig {
@@ -158,6 +173,7 @@ impl Default for TimeConfig {
             allowed_lateness: HumanDuration(5 * SECOND),
             idle_timeout: HumanDuration(10 * SECOND),
             session_gap: HumanDuration(30 * MINUTE),
+            order: EventOrder::Arrival,
         }
     }
 }
@@ -168,6 +184,7 @@ impl TimeConfig {
         TimeSettings {
             allowed_lateness: self.allowed_lateness.millis(),
             idle_timeout: Some(self.idle_timeout.millis()),
+            hold: self.order == EventOrder::EventTime,
         }
     }
 

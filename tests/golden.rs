@@ -42,13 +42,13 @@ fn run_case(dir: &Path) -> Result<(), String> {
         let event = parse_event(line.as_bytes(), config.limits.max_event_bytes)
             .map_err(|e| format!("{e}: {line}"))?;
         latest = latest.max(event.ts);
-        time.apply(&engine, &event, 0, &mut changes);
+        time.take(&engine, event, (), 0, &mut changes, &mut Vec::new());
     }
     let until = match std::fs::read_to_string(dir.join("until")) {
         Ok(text) => parse_timestamp(text.trim()).ok_or(format!("bad until: {text}"))?,
         Err(_) => latest,
     };
-    time.finish(&engine, until, &mut changes);
+    time.finish(&engine, until, &mut changes, &mut Vec::new());
     actual.extend(changes.iter().map(|c| c.to_json(0)));
     let expected: Vec<Value> = std::fs::read_to_string(dir.join("expected.jsonl"))
         .map_err(|e| e.to_string())?

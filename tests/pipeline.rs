@@ -170,10 +170,10 @@ async fn run_on_partitions_equals_replay() {
         if let Ok(event) =
             segmentd::event::parse_event(&message.payload, config.limits.max_event_bytes)
         {
-            replay_time.apply(&replay, &event, 0, &mut changes);
+            replay_time.take(&replay, event, (), 0, &mut changes, &mut Vec::new());
         }
     }
-    replay_time.finish(&replay, until, &mut changes);
+    replay_time.finish(&replay, until, &mut changes, &mut Vec::new());
     assert!(
         changes
             .iter()

@@ -17,7 +17,7 @@ use crate::emit::change::SegmentChange;
 use crate::engine::{Engine, Outcome};
 use crate::event::parse_event;
 use crate::state::new_store;
-use crate::time::partition::PartitionTime;
+use crate::time::partition::{PartitionTime, Released};
 use crate::time::{Millis, parse_timestamp, wall_clock_now};
 
 /// Arguments of `segmentd replay`.
@@ -60,6 +60,18 @@ struct Totals {
     invalid: BTreeMap<&'static str, u64>,
 }
 
+impl Totals {
+    /// Counts the events the engine applied (or recognised as replays).
+    fn count(&mut self, released: &[Released<()>]) {
+        for event in released {
+            match event.outcome {
+                Outcome::Duplicate => self.duplicates += 1,
+                Outcome::Applied { .. } => self.events += 1,
+            }
+        }
+    }
+}
+
 /// How many rejected lines are described individually before only counting.
 const SHOWN_REJECTIONS: u64 = 5;
 
@@ -70,6 +82,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     // One time line: the recorded events, in file order, advance the watermark.
     let mut time = PartitionTime::new(config.time.replay(), 0);
     let mut latest = Millis::MIN;
+    let mut released = Vec::new();
     let (input, size) = open_input(&args.input)?;
     let progress = progress_bar(size);
     let mut reader = BufReader::with_capacity(1 << 16, progress.wrap_read(input));
@@ -108,21 +121,21 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             }
             Ok(event) => {
                 changes.clear();
+                released.clear();
                 latest = latest.max(event.ts);
-                let applied = time.apply(&engine, &event, 0, &mut changes);
-                match applied.outcome {
-                    Outcome::Duplicate => totals.duplicates += 1,
-                    Outcome::Applied { .. } => totals.events += 1,
-                }
-                totals.late += u64::from(applied.late);
-                totals.timers_fired += applied.timers_fired;
+                let step = time.take(&engine, event, (), 0, &mut changes, &mut released);
+                totals.late += u64::from(step.late);
+                totals.timers_fired += step.timers_fired;
+                totals.count(&released);
                 write_changes(&mut output, &changes, &mut totals)?;
             }
         }
     }
     changes.clear();
+    released.clear();
     let until = args.until.unwrap_or(latest);
-    totals.timers_fired += time.finish(&engine, until, &mut changes);
+    totals.timers_fired += time.finish(&engine, until, &mut changes, &mut released);
+    totals.count(&released);
     write_changes(&mut output, &changes, &mut totals)?;
     output.flush()?;
     progress.finish_and_clear();

@@ -101,6 +101,7 @@ impl ConsumerContext for IngestContext {
                 .iter()
                 .any(|(t, p)| **topic == **t && partition == p)
         };
+        super::abandon_held(&self.partitions, &self.tracker, is_revoked);
         let drained = self.tracker.drain(is_revoked, super::DRAIN_TIMEOUT);
         if !drained {
             tracing::warn!(

@@ -48,7 +48,7 @@ use crate::rules::RuleSet;
 use crate::state::new_store;
 use crate::telemetry::{InvalidEventReceived, Metrics};
 use crate::time::WallClock;
-use crate::time::partition::{PartitionTime, TimeSettings};
+use crate::time::partition::{PartitionTime, Released, TimeSettings};
 
 use delivery::{Acknowledger, DeliveryFailure, Ticket};
 use offsets::{OffsetTracker, PartitionKey};
@@ -218,6 +218,8 @@ pub async fn run(
         }
     }
 
+    // Events still held for event-time order were not applied: their input is read again.
+    abandon_held(&pipeline.partitions, &tracker, |_| true);
     // Drain: every acknowledged message's offset stored, then committed. Flushing and
     // waiting block, so they run off the async workers.
     let drained = tokio::task::spawn_blocking({
@@ -356,8 +358,52 @@ const COMMIT_ATTEMPTS: u32 = 20;
 const TIMER_TICK: Duration = Duration::from_millis(100);
 
 /// The event time of each owned partition (by number, across input topics): shared with
-/// the rebalance callback, which drops a partition's timers when it is revoked.
-pub type Partitions = Arc<Mutex<BTreeMap<i32, PartitionTime>>>;
+/// the rebalance callback, which drops a partition's timers and held events when it is
+/// revoked.
+pub type Partitions = Arc<Mutex<BTreeMap<i32, PartitionTime<Source>>>>;
+
+/// The input message an event came from: what its changes answer to.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Its topic and partition.
+    pub partition: PartitionKey,
+    /// Its offset.
+    pub offset: i64,
+    /// Its topic's index among the input topics (for the per-type counters).
+    topic: Option<usize>,
+}
+
+/// Whose timers' changes follow the released events': the message being processed
+/// (its offset then waits for them), or an idle partition's tick (no message).
+enum TimerChanges {
+    Of(PartitionKey, i64),
+    Idle(i32),
+}
+
+/// A produced record's ticket.
+fn ticket_for(partition: PartitionKey, offset: Option<i64>) -> Box<Ticket> {
+    Box::new(Ticket {
+        partition,
+        offset,
+        dead_letter: None,
+    })
+}
+
+/// Drops the held events of the partitions `which` selects (a revocation, a shutdown):
+/// they were not applied, so their messages — and every later one of their partition —
+/// stop being tracked, are not committed, and are read again by the next owner.
+pub fn abandon_held(
+    partitions: &Partitions,
+    tracker: &OffsetTracker,
+    which: impl Fn(&PartitionKey) -> bool,
+) {
+    let mut partitions = partitions.lock().unwrap_or_else(|p| p.into_inner());
+    for time in partitions.values_mut() {
+        for source in time.drop_held_where(|source| which(&source.partition)) {
+            tracker.abandon_from(&source.partition, source.offset);
+        }
+    }
+}
 
 /// The per-message work of the consume loop.
 struct Pipeline {
@@ -466,40 +512,115 @@ impl Pipeline {
             Ok(event) => {
                 changes.clear();
                 let wall_now = self.clock.now();
-                let applied = {
+                let source = Source {
+                    partition: partition.clone(),
+                    offset,
+                    topic: self.topics.iter().position(|t| *t.name == *topic),
+                };
+                // The message is in flight until its event is applied (at once, or when
+                // the watermark passes it in event-time order) and its changes delivered.
+                self.tracker.begin(&partition, offset, 1, received);
+                let mut released = Vec::new();
+                let step = {
                     let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
                     partitions
                         .entry(partition.1)
                         .or_insert_with(|| PartitionTime::new(self.time, wall_now))
-                        .apply(&self.engine, &event, wall_now, changes)
+                        .take(
+                            &self.engine,
+                            event,
+                            source,
+                            wall_now,
+                            changes,
+                            &mut released,
+                        )
                 };
-                if applied.late {
+                if step.late {
                     self.metrics.events_late.inc();
                 }
-                self.metrics.timers_fired.inc_by(applied.timers_fired);
-                match applied.outcome {
-                    Outcome::Duplicate => self.metrics.events_duplicate.inc(),
-                    Outcome::Applied {
-                        event_type: type_id,
-                        ..
-                    } => match input {
-                        Some(input) => input.events[usize::from(type_id)].inc(),
-                        None => {
-                            let name = self.engine.rules().types.name(type_id);
-                            self.metrics.events.with_label_values(&[topic, name]).inc();
-                        }
-                    },
-                }
-                if let Some(done) =
-                    self.tracker
-                        .begin(&partition, offset, changes.len() as u32, received)
-                {
-                    delivery::store(&self.consumer, &partition, done);
-                }
-                self.publish(changes, || ticket(None)).await?;
+                self.metrics.timers_fired.inc_by(step.timers_fired);
+                self.publish_released(changes, released, TimerChanges::Of(partition, offset))
+                    .await?;
             }
         }
         Ok(())
+    }
+
+    /// Publishes the changes of applied events, each answering to its input message, then
+    /// the timers' changes that follow them; completes each applied event's message once
+    /// its changes are registered.
+    async fn publish_released(
+        &self,
+        changes: &[SegmentChange],
+        released: Vec<Released<Source>>,
+        timers: TimerChanges,
+    ) -> Result<(), KafkaError> {
+        let mut start = 0;
+        let mut slices = Vec::with_capacity(released.len());
+        for event in &released {
+            self.count_event(&event.tag, event.outcome);
+            let count = (event.changes_end - start) as u32;
+            self.tracker
+                .add(&event.tag.partition, event.tag.offset, count);
+            slices.push((start, event.changes_end, &event.tag));
+            start = event.changes_end;
+        }
+        let timer_changes = &changes[start..];
+        if let TimerChanges::Of(partition, offset) = &timers {
+            self.tracker
+                .add(partition, *offset, timer_changes.len() as u32);
+        }
+        for (from, to, source) in slices {
+            self.publish(&changes[from..to], || {
+                ticket_for(source.partition.clone(), Some(source.offset))
+            })
+            .await?;
+        }
+        match timers {
+            TimerChanges::Of(partition, offset) => {
+                self.publish(timer_changes, || {
+                    ticket_for(partition.clone(), Some(offset))
+                })
+                .await?
+            }
+            TimerChanges::Idle(number) => {
+                let source: PartitionKey = (Arc::from("(timer)"), number);
+                self.publish(timer_changes, || ticket_for(source.clone(), None))
+                    .await?
+            }
+        }
+        for event in &released {
+            let completed = self
+                .tracker
+                .acknowledged(&event.tag.partition, event.tag.offset);
+            for latency in completed.latencies {
+                self.metrics.event_to_emit.observe(latency.as_secs_f64());
+            }
+            if let Some(done) = completed.store {
+                delivery::store(&self.consumer, &event.tag.partition, done);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts an applied event in `segmentd_events_total` (or as a duplicate).
+    fn count_event(&self, source: &Source, outcome: Outcome) {
+        match outcome {
+            Outcome::Duplicate => self.metrics.events_duplicate.inc(),
+            Outcome::Applied {
+                event_type: type_id,
+                ..
+            } => match source.topic {
+                Some(index) => self.topics[index].events[usize::from(type_id)].inc(),
+                None => {
+                    let name = self.engine.rules().types.name(type_id);
+                    self.metrics
+                        .events
+                        .with_label_values(&[&*source.partition.0, name])
+                        .inc();
+                }
+            },
+        }
     }
 
     /// Sends segment changes to the output topic, each with its ticket.
@@ -524,20 +645,23 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Moves every partition's watermark on by the wall clock (where idle), fires the
-    /// timers that makes due, publishes their changes and updates the time metrics.
+    /// Moves every partition's watermark on by the wall clock (where idle), applies the
+    /// held events and fires the timers that makes due, publishes their changes and
+    /// updates the time metrics.
     async fn fire_idle_timers(&self, changes: &mut Vec<SegmentChange>) -> Result<(), KafkaError> {
-        changes.clear();
         let wall_now = self.clock.now();
-        let mut fired_on = Vec::new();
+        let mut steps = Vec::new();
         {
             let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
             let mut pending = 0;
             for (&number, time) in partitions.iter_mut() {
-                let before = changes.len();
-                let fired = time.tick(&self.engine, wall_now, changes);
+                let mut out = Vec::new();
+                let mut released = Vec::new();
+                let fired = time.tick(&self.engine, wall_now, &mut out, &mut released);
                 self.metrics.timers_fired.inc_by(fired);
-                fired_on.extend(std::iter::repeat_n(number, changes.len() - before));
+                if !out.is_empty() || !released.is_empty() {
+                    steps.push((number, out, released));
+                }
                 pending += time.timers.len();
                 let watermark = time.watermark.current();
                 if watermark != crate::time::Millis::MIN {
@@ -549,17 +673,14 @@ impl Pipeline {
             }
             self.metrics.timers_pending.set(pending as i64);
         }
-        let mut fired_on = fired_on.into_iter();
-        let source: Arc<str> = Arc::from("(timer)");
-        self.publish(changes, || {
-            Box::new(Ticket {
-                partition: (source.clone(), fired_on.next().unwrap_or(-1)),
-                offset: None,
-                dead_letter: None,
-            })
-        })
-        .await
+        for (number, out, released) in steps {
+            *changes = out;
+            self.publish_released(changes, released, TimerChanges::Idle(number))
+                .await?;
+        }
+        Ok(())
     }
+
     /// Copies a rejected message to the dead-letter topic: its key, `payload` (the
     /// original, or its first bytes when `truncated_from` gives the original size) and the
     /// headers that say why and where from.

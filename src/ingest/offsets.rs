@@ -93,6 +93,35 @@ impl OffsetTracker {
         None
     }
 
+    /// Input message `offset` of `partition` caused `outputs` more records (its event was
+    /// applied after it was registered, or timers fired while it was processed).
+    pub fn add(&self, partition: &PartitionKey, offset: i64, outputs: u32) {
+        if outputs == 0 {
+            return;
+        }
+        let mut partitions = self.lock();
+        let Some(state) = partitions.get_mut(partition) else {
+            return;
+        };
+        if let Ok(position) = state.in_flight.binary_search_by_key(&offset, |m| m.offset) {
+            let message = &mut state.in_flight[position];
+            message.outstanding += outputs;
+            message.produced = true;
+        }
+    }
+
+    /// Stops tracking input message `offset` of `partition` and every later one (events
+    /// held back and never applied): none of them is committed, so they are read again.
+    pub fn abandon_from(&self, partition: &PartitionKey, offset: i64) {
+        let mut partitions = self.lock();
+        if let Some(state) = partitions.get_mut(partition) {
+            state.in_flight.retain(|m| m.offset < offset);
+            if state.in_flight.is_empty() {
+                self.drained.notify_all();
+            }
+        }
+    }
+
     /// One record caused by input message `offset` of `partition` was acknowledged.
     pub fn acknowledged(&self, partition: &PartitionKey, offset: i64) -> Completed {
         let mut partitions = self.lock();
@@ -185,6 +214,31 @@ mod tests {
 
     fn key(partition: i32) -> PartitionKey {
         ("t".into(), partition)
+    }
+
+    #[test]
+    fn a_held_message_waits_for_its_later_outputs_and_abandoning_it_keeps_it_uncommitted() {
+        let tracker = OffsetTracker::new();
+        let now = Instant::now();
+        // Registered while its event is held (one placeholder), then applied: two changes.
+        assert_eq!(tracker.begin(&key(0), 5, 1, now), None);
+        tracker.add(&key(0), 5, 2);
+        assert_eq!(tracker.acknowledged(&key(0), 5).store, None, "placeholder");
+        assert_eq!(tracker.acknowledged(&key(0), 5).store, None);
+        assert_eq!(tracker.acknowledged(&key(0), 5).store, Some(5));
+        // Two more, the first still held when the partition is revoked.
+        tracker.begin(&key(0), 6, 1, now);
+        tracker.begin(&key(0), 7, 1, now);
+        tracker.abandon_from(&key(0), 6);
+        assert!(
+            tracker.drain(|_| true, Duration::from_millis(10)),
+            "nothing left to wait for"
+        );
+        assert_eq!(
+            tracker.release(|_| true),
+            vec![(key(0), 5)],
+            "6 and 7 are read again"
+        );
     }
 
     #[test]

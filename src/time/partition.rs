@@ -12,6 +12,8 @@
 //! `purchases` is one time line), as a customer's events on co-partitioned topics share
 //! a partition number.
 
+use std::collections::BinaryHeap;
+
 use crate::emit::change::SegmentChange;
 use crate::engine::{Engine, Outcome, TimerUpdate};
 use crate::event::Event;
@@ -26,6 +28,9 @@ pub struct TimeSettings {
     /// Wall-clock time without events after which the watermark follows the wall clock;
     /// `None` never (replay: time advances by the events alone).
     pub idle_timeout: Option<Millis>,
+    /// Hold each event until the watermark passes it and apply in event-time order
+    /// (`time.order = "event_time"`), instead of applying on arrival.
+    pub hold: bool,
 }
 
 /// One partition's watermark.
@@ -83,80 +88,205 @@ impl Watermark {
     }
 }
 
-/// A partition's watermark and the timers of its customers.
+/// A partition's watermark, the timers of its customers and (in event-time order) the
+/// events held until the watermark passes them. `T` is what the caller attaches to each
+/// event (the input message, for its offset).
 #[derive(Debug)]
-pub struct PartitionTime {
+pub struct PartitionTime<T = ()> {
     /// Event-time progress.
     pub watermark: Watermark,
     /// One pending timer per customer of the partition that has one.
     pub timers: TimerWheel,
+    held: BinaryHeap<Held<T>>,
+    arrivals: u64,
 }
 
-/// What [`PartitionTime::apply`] did with one event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Applied {
+/// An event waiting for the watermark, ordered by (time, arrival) — earliest first.
+#[derive(Debug)]
+struct Held<T> {
+    ts: Millis,
+    arrival: u64,
+    event: Event,
+    tag: T,
+}
+
+impl<T> PartialEq for Held<T> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ts, self.arrival) == (other.ts, other.arrival)
+    }
+}
+impl<T> Eq for Held<T> {}
+impl<T> PartialOrd for Held<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Held<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Reversed: `BinaryHeap` pops its greatest, and the earliest must come first.
+        (other.ts, other.arrival).cmp(&(self.ts, self.arrival))
+    }
+}
+
+/// An event the engine applied, with its tag; its changes end at `changes_end` in the
+/// output (and start where the previous one's ended).
+#[derive(Debug)]
+pub struct Released<T> {
+    /// The caller's tag of the event.
+    pub tag: T,
     /// What the engine did with it.
     pub outcome: Outcome,
-    /// It was older than the watermark.
+    /// One past the index of its last change in the output vector.
+    pub changes_end: usize,
+}
+
+/// What taking one event in (or a tick) did, beyond the events it released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// The event was older than the watermark.
     pub late: bool,
-    /// Timers fired: the event's customer's, due by its time, and others' that the
-    /// advanced watermark made due.
+    /// Timers fired: customers' own, due by their events' times, and those the advanced
+    /// watermark made due (whose changes follow the released events' in the output).
     pub timers_fired: u64,
 }
 
-impl PartitionTime {
+impl<T> PartitionTime<T> {
     /// A partition with no events yet.
     pub fn new(settings: TimeSettings, wall_now: Millis) -> Self {
         PartitionTime {
             watermark: Watermark::new(settings, wall_now),
             timers: TimerWheel::new(),
+            held: BinaryHeap::new(),
+            arrivals: 0,
         }
     }
 
-    /// Applies one event: advances the watermark, applies the event (whose customer's
-    /// due timers fire first), reschedules its customer's timer, then fires every timer
-    /// the new watermark makes due. All changes are appended to `out` in order.
-    pub fn apply(
+    /// Takes one event in: advances the watermark, then applies the event at once (on
+    /// arrival, or when it is late) or holds it until the watermark passes it (event-time
+    /// order), applying every held event the watermark has passed in time order. Each
+    /// applied event's customer's due timers fire first and its timer is rescheduled;
+    /// then every timer the watermark makes due fires. Changes go to `out` in order;
+    /// each applied event is reported in `released`, the timers' changes after them.
+    pub fn take(
+        &mut self,
+        engine: &Engine,
+        event: Event,
+        tag: T,
+        wall_now: Millis,
+        out: &mut Vec<SegmentChange>,
+        released: &mut Vec<Released<T>>,
+    ) -> Step {
+        let late = self.watermark.observe(event.ts, wall_now);
+        let mut step = Step {
+            late,
+            timers_fired: 0,
+        };
+        if self.watermark.settings.hold && !late {
+            self.arrivals += 1;
+            self.held.push(Held {
+                ts: event.ts,
+                arrival: self.arrivals,
+                event,
+                tag,
+            });
+        } else {
+            step.timers_fired += self.apply_one(engine, &event, tag, out, released);
+        }
+        step.timers_fired += self.release_and_fire(engine, self.watermark.current(), out, released);
+        step
+    }
+
+    /// Ends a replay: applies every held event, moves the watermark to `until` and fires
+    /// every timer due by then. Returns how many timers fired.
+    pub fn finish(
+        &mut self,
+        engine: &Engine,
+        until: Millis,
+        out: &mut Vec<SegmentChange>,
+        released: &mut Vec<Released<T>>,
+    ) -> u64 {
+        self.watermark.advance_to(until);
+        self.release_and_fire(engine, Millis::MAX, out, released)
+    }
+
+    /// Moves the watermark on by the wall clock (if the partition is idle), applies the
+    /// held events it passes and fires the timers it makes due. Returns how many fired.
+    pub fn tick(
+        &mut self,
+        engine: &Engine,
+        wall_now: Millis,
+        out: &mut Vec<SegmentChange>,
+        released: &mut Vec<Released<T>>,
+    ) -> u64 {
+        let watermark = self.watermark.advance(wall_now);
+        self.release_and_fire(engine, watermark, out, released)
+    }
+
+    /// Takes out the held events whose tag `which` selects (a revoked partition, a
+    /// shutdown): they were not applied, and their tags say which input to read again.
+    pub fn drop_held_where(&mut self, which: impl Fn(&T) -> bool) -> Vec<T> {
+        let mut dropped = Vec::new();
+        let kept: BinaryHeap<Held<T>> = std::mem::take(&mut self.held)
+            .into_iter()
+            .filter_map(|held| {
+                if which(&held.tag) {
+                    dropped.push(held.tag);
+                    None
+                } else {
+                    Some(held)
+                }
+            })
+            .collect();
+        self.held = kept;
+        dropped
+    }
+
+    /// Applies the held events at or before `upto` in time order, then fires the timers
+    /// due at the watermark.
+    fn release_and_fire(
+        &mut self,
+        engine: &Engine,
+        upto: Millis,
+        out: &mut Vec<SegmentChange>,
+        released: &mut Vec<Released<T>>,
+    ) -> u64 {
+        let mut fired = 0;
+        while self.held.peek().is_some_and(|h| h.ts <= upto) {
+            let Held { event, tag, .. } = self.held.pop().expect("peeked");
+            fired += self.apply_one(engine, &event, tag, out, released);
+        }
+        fired + engine.fire_due(&mut self.timers, self.watermark.current(), out)
+    }
+
+    /// Applies one event and reschedules its customer's timer. Returns the customer's
+    /// timers that fired before it.
+    fn apply_one(
         &mut self,
         engine: &Engine,
         event: &Event,
-        wall_now: Millis,
+        tag: T,
         out: &mut Vec<SegmentChange>,
-    ) -> Applied {
-        let late = self.watermark.observe(event.ts, wall_now);
+        released: &mut Vec<Released<T>>,
+    ) -> u64 {
         let outcome = engine.apply(event, out);
-        let mut timers_fired = 0;
+        let mut fired = 0;
         if let Outcome::Applied {
             timer,
-            timers_fired: caught_up,
+            timers_fired,
             ..
         } = outcome
         {
-            timers_fired += u64::from(caught_up);
+            fired = u64::from(timers_fired);
             if let TimerUpdate::Set(deadline) = timer {
                 self.timers.schedule(&event.customer_id, deadline);
             }
         }
-        timers_fired += engine.fire_due(&mut self.timers, self.watermark.current(), out);
-        Applied {
+        released.push(Released {
+            tag,
             outcome,
-            late,
-            timers_fired,
-        }
-    }
-
-    /// Ends a replay: moves the watermark to `until` and fires every timer due by then.
-    /// Returns how many fired.
-    pub fn finish(&mut self, engine: &Engine, until: Millis, out: &mut Vec<SegmentChange>) -> u64 {
-        let watermark = self.watermark.advance_to(until);
-        engine.fire_due(&mut self.timers, watermark, out)
-    }
-
-    /// Fires the timers due at the watermark as of `wall_now` (which an idle partition's
-    /// watermark follows). Returns how many fired.
-    pub fn tick(&mut self, engine: &Engine, wall_now: Millis, out: &mut Vec<SegmentChange>) -> u64 {
-        let watermark = self.watermark.advance(wall_now);
-        engine.fire_due(&mut self.timers, watermark, out)
+            changes_end: out.len(),
+        });
+        fired
     }
 }
 
@@ -168,6 +298,7 @@ mod tests {
     const LIVE: TimeSettings = TimeSettings {
         allowed_lateness: 5 * SECOND,
         idle_timeout: Some(10 * SECOND),
+        hold: false,
     };
 
     #[test]

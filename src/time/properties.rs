@@ -136,23 +136,72 @@ fn per_customer(changes: &[SegmentChange]) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-fn replay(events: &[(Millis, String)], lateness: Millis, until: Millis) -> Vec<SegmentChange> {
+fn replay(
+    events: &[(Millis, String)],
+    lateness: Millis,
+    hold: bool,
+    until: Millis,
+) -> Vec<SegmentChange> {
     let engine = engine();
     let mut time = PartitionTime::new(
         TimeSettings {
             allowed_lateness: lateness,
             idle_timeout: None,
+            hold,
         },
         0,
     );
     let mut out = Vec::new();
+    let mut released = Vec::new();
     for (_, json) in events {
         let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
-        let applied = time.apply(&engine, &event, 0, &mut out);
-        assert!(!applied.late, "the generated streams stay within the bound");
+        let step = time.take(&engine, event, (), 0, &mut out, &mut released);
+        assert!(!step.late, "the generated streams stay within the bound");
     }
-    time.finish(&engine, until, &mut out);
+    time.finish(&engine, until, &mut out, &mut released);
+    assert_eq!(released.len(), events.len(), "every event applied");
     out
+}
+
+/// Swaps neighbouring events at the chosen places where both stay within `lateness` of
+/// the highest time before them (so none is late) and `allowed` says the pair may swap.
+/// Returns the stream and how many swaps were made.
+fn shuffle_within(
+    sorted: &[(Millis, String)],
+    swaps: &[prop::sample::Index],
+    lateness: Millis,
+    allowed: impl Fn(&(Millis, String), &(Millis, String)) -> bool,
+) -> (Vec<(Millis, String)>, usize) {
+    let mut shuffled = sorted.to_vec();
+    let mut swapped = 0;
+    for swap in swaps {
+        let i = swap.index(shuffled.len().max(2) - 1);
+        if i + 1 >= shuffled.len() {
+            continue;
+        }
+        let (a, b) = (&shuffled[i], &shuffled[i + 1]);
+        let highest_before = shuffled[..i]
+            .iter()
+            .map(|e| e.0)
+            .max()
+            .unwrap_or(Millis::MIN);
+        let fits = b.0.max(highest_before) - a.0 <= lateness
+            && highest_before.saturating_sub(b.0) <= lateness;
+        if fits && allowed(a, b) {
+            shuffled.swap(i, i + 1);
+            swapped += 1;
+        }
+    }
+    (shuffled, swapped)
+}
+
+fn customer(json: &str) -> &str {
+    json.split("customer_id\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
 }
 
 proptest! {
@@ -207,30 +256,34 @@ proptest! {
     ) {
         let lateness = 10 * MINUTE;
         let sorted = events(&steps);
-        let mut shuffled = sorted.clone();
-        let mut swapped = 0;
-        for swap in swaps {
-            let i = swap.index(shuffled.len().max(2) - 1);
-            if i + 1 >= shuffled.len() {
-                continue;
-            }
-            let (a, b) = (&shuffled[i], &shuffled[i + 1]);
-            let customer = |json: &str| json.split("customer_id\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
-            // Swapping a later event before an earlier one: allowed while every event stays
-            // within the bound of the highest time before it.
-            let highest_before = shuffled[..i].iter().map(|e| e.0).max().unwrap_or(Millis::MIN);
-            let fits = b.0.max(highest_before) - a.0 <= lateness
-                && highest_before.saturating_sub(b.0) <= lateness;
-            if customer(&a.1) != customer(&b.1) && fits {
-                shuffled.swap(i, i + 1);
-                swapped += 1;
-            }
-        }
+        let (shuffled, swapped) = shuffle_within(&sorted, &swaps, lateness, |a, b| {
+            customer(&a.1) != customer(&b.1)
+        });
         prop_assume!(swapped > 0, "the stream is actually reordered");
         let until = sorted.last().unwrap().0 + 90 * DAY;
         prop_assert_eq!(
-            per_customer(&replay(&shuffled, lateness, until)),
-            per_customer(&replay(&sorted, lateness, until))
+            per_customer(&replay(&shuffled, lateness, false, until)),
+            per_customer(&replay(&sorted, lateness, false, until))
+        );
+    }
+
+    /// In event-time order (`time.order = "event_time"`), any shuffle within the lateness
+    /// bound — one customer's own events included — gives exactly the changes of the
+    /// time-ordered stream (events with equal times keep their arrival order, so only
+    /// events with different times are swapped).
+    #[test]
+    fn event_time_order_undoes_any_shuffle_within_the_lateness_bound(
+        steps in steps(3),
+        swaps in prop::collection::vec(any::<prop::sample::Index>(), 0..200),
+    ) {
+        let lateness = 10 * MINUTE;
+        let sorted = events(&steps);
+        let (shuffled, swapped) = shuffle_within(&sorted, &swaps, lateness, |a, b| a.0 != b.0);
+        prop_assume!(swapped > 0, "the stream is actually reordered");
+        let until = sorted.last().unwrap().0 + 90 * DAY;
+        prop_assert_eq!(
+            per_customer(&replay(&shuffled, lateness, true, until)),
+            per_customer(&replay(&sorted, lateness, true, until))
         );
     }
 }
