@@ -478,7 +478,7 @@ impl Pipeline {
                     offset,
                 }
                 .emit(&self.metrics);
-                self.tracker.begin(&partition, offset, 1, received);
+                self.tracker.hold(&partition, offset, received);
                 let reason = rejection.reason.as_str();
                 let full = self
                     .dead_letter(
@@ -519,7 +519,7 @@ impl Pipeline {
                 };
                 // The message is in flight until its event is applied (at once, or when
                 // the watermark passes it in event-time order) and its changes delivered.
-                self.tracker.begin(&partition, offset, 1, received);
+                self.tracker.hold(&partition, offset, received);
                 let mut released = Vec::new();
                 let step = {
                     let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());

@@ -93,6 +93,23 @@ impl OffsetTracker {
         None
     }
 
+    /// Registers input message `offset` of `partition` whose event is not applied yet:
+    /// it stays in flight (with one placeholder record, acknowledged once the event is
+    /// applied and its records [added](Self::add)).
+    pub fn hold(&self, partition: &PartitionKey, offset: i64, received: Instant) {
+        let mut partitions = self.lock();
+        partitions
+            .entry(partition.clone())
+            .or_default()
+            .in_flight
+            .push_back(InFlight {
+                offset,
+                outstanding: 1,
+                received,
+                produced: false,
+            });
+    }
+
     /// Input message `offset` of `partition` caused `outputs` more records (its event was
     /// applied after it was registered, or timers fired while it was processed).
     pub fn add(&self, partition: &PartitionKey, offset: i64, outputs: u32) {
@@ -221,14 +238,14 @@ mod tests {
         let tracker = OffsetTracker::new();
         let now = Instant::now();
         // Registered while its event is held (one placeholder), then applied: two changes.
-        assert_eq!(tracker.begin(&key(0), 5, 1, now), None);
+        tracker.hold(&key(0), 5, now);
         tracker.add(&key(0), 5, 2);
         assert_eq!(tracker.acknowledged(&key(0), 5).store, None, "placeholder");
         assert_eq!(tracker.acknowledged(&key(0), 5).store, None);
         assert_eq!(tracker.acknowledged(&key(0), 5).store, Some(5));
         // Two more, the first still held when the partition is revoked.
-        tracker.begin(&key(0), 6, 1, now);
-        tracker.begin(&key(0), 7, 1, now);
+        tracker.hold(&key(0), 6, now);
+        tracker.hold(&key(0), 7, now);
         tracker.abandon_from(&key(0), 6);
         assert!(
             tracker.drain(|_| true, Duration::from_millis(10)),
