@@ -230,11 +230,7 @@ impl Engine {
             .timed
             .iter()
             .filter_map(|&index| {
-                let segment = &rules.segments[usize::from(index)];
-                let rule = match (state.is_member(index), &segment.exit) {
-                    (true, Some(exit)) => exit,
-                    _ => &segment.enter,
-                };
+                let rule = rules.segments[usize::from(index)].rule_for(state.is_member(index));
                 next_change(&rule.node, at)
             })
             .min()
@@ -259,17 +255,10 @@ impl Engine {
                 now,
                 session_gap: self.session_gap,
             };
-            let (changes, rule) = match (member, &segment.exit) {
-                (false, _) => (
-                    eval(&segment.enter.node, scope, &rules.slots).is_true(),
-                    &segment.enter,
-                ),
-                (true, Some(exit)) => (eval(&exit.node, scope, &rules.slots).is_true(), exit),
-                (true, None) => (
-                    !eval(&segment.enter.node, scope, &rules.slots).is_true(),
-                    &segment.enter,
-                ),
-            };
+            let rule = segment.rule_for(member);
+            // A member without an exit rule leaves when `enter` turns false.
+            let leaves_on_false = member && segment.exit.is_none();
+            let changes = eval(&rule.node, scope, &rules.slots).is_true() != leaves_on_false;
             if !changes {
                 continue;
             }

@@ -182,6 +182,18 @@ pub struct Segment {
     pub deps: Deps,
 }
 
+impl Segment {
+    /// The rule whose answer decides a customer's next change: the exit rule for a member
+    /// (when there is one; else `enter`, whose turning false means leaving), `enter` for
+    /// everyone else.
+    pub fn rule_for(&self, member: bool) -> &CompiledRule {
+        match (member, &self.exit) {
+            (true, Some(exit)) => exit,
+            _ => &self.enter,
+        }
+    }
+}
+
 /// Everything the engine needs from the rules.
 #[derive(Debug)]
 pub struct RuleSet {

@@ -224,11 +224,7 @@ proptest! {
             prop_assert!(horizon > now);
             let answers = |at: Millis| -> Vec<bool> {
                 rules.timed.iter().map(|&index| {
-                    let segment = &rules.segments[usize::from(index)];
-                    let rule = match (state.is_member(index), &segment.exit) {
-                        (true, Some(exit)) => exit,
-                        _ => &segment.enter,
-                    };
+                    let rule = rules.segments[usize::from(index)].rule_for(state.is_member(index));
                     let scope = Scope::Customer { state, now: at, session_gap: SESSION_GAP };
                     eval(&rule.node, scope, &rules.slots).is_true()
                 }).collect()
