@@ -189,7 +189,7 @@ impl Engine {
         let mut fired = 0;
         while let Some((customer, deadline)) = timers.pop_due(watermark) {
             let next = self.fire(&customer, deadline, out);
-            timers.schedule(&customer, next);
+            timers.reschedule(customer, next);
             fired += 1;
         }
         fired

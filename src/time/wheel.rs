@@ -103,6 +103,22 @@ impl TimerWheel {
     /// Sets (`Some`) or cancels (`None`) the one timer of `customer`, replacing any
     /// pending one. A deadline already passed fires at the next [`pop_due`](Self::pop_due).
     pub fn schedule(&mut self, customer: &str, deadline: Option<Millis>) {
+        self.schedule_with(customer, deadline, || customer.into());
+    }
+
+    /// [`schedule`](Self::schedule) for a customer id already shared (one just handed out
+    /// by [`pop_due`](Self::pop_due)): a new timer reuses it instead of copying the id.
+    pub fn reschedule(&mut self, customer: Arc<str>, deadline: Option<Millis>) {
+        let id = customer.clone();
+        self.schedule_with(&id, deadline, || customer);
+    }
+
+    fn schedule_with(
+        &mut self,
+        customer: &str,
+        deadline: Option<Millis>,
+        shared: impl FnOnce() -> Arc<str>,
+    ) {
         match (self.by_customer.get(customer).copied(), deadline) {
             (None, None) => {}
             (Some(node), None) => {
@@ -118,7 +134,7 @@ impl TimerWheel {
                 }
             }
             (None, Some(deadline)) => {
-                let customer: Arc<str> = customer.into();
+                let customer = shared();
                 let node = self.allocate(customer.clone(), deadline);
                 self.link(node);
                 self.by_customer.insert(customer, node);
