@@ -189,7 +189,9 @@ pub async fn run(
         clock,
     };
     tokio::pin!(shutdown);
+    // Reused for every message: the changes it causes, and the events it lets apply.
     let mut changes = Vec::new();
+    let mut released = Vec::new();
     let mut timer_tick = tokio::time::interval(TIMER_TICK);
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -208,7 +210,7 @@ pub async fn run(
             }
             message = consumer.recv() => match message {
                 Ok(message) => {
-                    if let Err(err) = pipeline.process(&message, &mut changes).await {
+                    if let Err(err) = pipeline.process(&message, &mut changes, &mut released).await {
                         failure.record(err);
                         break;
                     }
@@ -453,6 +455,7 @@ impl Pipeline {
         &self,
         message: &BorrowedMessage<'_>,
         changes: &mut Vec<SegmentChange>,
+        released: &mut Vec<Released<Source>>,
     ) -> Result<(), KafkaError> {
         let received = Instant::now();
         let topic = message.topic();
@@ -520,20 +523,13 @@ impl Pipeline {
                 // The message is in flight until its event is applied (at once, or when
                 // the watermark passes it in event-time order) and its changes delivered.
                 self.tracker.hold(&partition, offset, received);
-                let mut released = Vec::new();
+                released.clear();
                 let step = {
                     let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
                     partitions
                         .entry(partition.1)
                         .or_insert_with(|| PartitionTime::new(self.time, wall_now))
-                        .take(
-                            &self.engine,
-                            event,
-                            source,
-                            wall_now,
-                            changes,
-                            &mut released,
-                        )
+                        .take(&self.engine, event, source, wall_now, changes, released)
                 };
                 if step.late {
                     self.metrics.events_late.inc();
@@ -552,26 +548,27 @@ impl Pipeline {
     async fn publish_released(
         &self,
         changes: &[SegmentChange],
-        released: Vec<Released<Source>>,
+        released: &[Released<Source>],
         timers: TimerChanges,
     ) -> Result<(), KafkaError> {
-        let mut start = 0;
-        let mut slices = Vec::with_capacity(released.len());
-        for event in &released {
+        // Each applied event's changes run from where the previous one's ended.
+        let starts = std::iter::once(0).chain(released.iter().map(|e| e.changes_end));
+        for event in released {
             self.count_event(&event.tag, event.outcome);
+        }
+        for (event, start) in released.iter().zip(starts.clone()) {
             let count = (event.changes_end - start) as u32;
             self.tracker
                 .add(&event.tag.partition, event.tag.offset, count);
-            slices.push((start, event.changes_end, &event.tag));
-            start = event.changes_end;
         }
-        let timer_changes = &changes[start..];
+        let timer_changes = &changes[released.last().map_or(0, |e| e.changes_end)..];
         if let TimerChanges::Of(partition, offset) = &timers {
             self.tracker
                 .add(partition, *offset, timer_changes.len() as u32);
         }
-        for (from, to, source) in slices {
-            self.publish(&changes[from..to], || {
+        for (event, start) in released.iter().zip(starts) {
+            let source = &event.tag;
+            self.publish(&changes[start..event.changes_end], || {
                 ticket_for(source.partition.clone(), Some(source.offset))
             })
             .await?;
@@ -589,7 +586,7 @@ impl Pipeline {
                     .await?
             }
         }
-        for event in &released {
+        for event in released {
             let completed = self
                 .tracker
                 .acknowledged(&event.tag.partition, event.tag.offset);
@@ -675,7 +672,7 @@ impl Pipeline {
         }
         for (number, out, released) in steps {
             *changes = out;
-            self.publish_released(changes, released, TimerChanges::Idle(number))
+            self.publish_released(changes, &released, TimerChanges::Idle(number))
                 .await?;
         }
         Ok(())
