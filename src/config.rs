@@ -97,6 +97,13 @@ pub struct KafkaConfig {
     pub output_topic: String,
     /// The topic rejected input is copied to, untouched, with the reason in headers.
     pub dead_letter_topic: String,
+    /// The compacted topic each customer's state is written to and restored from when a
+    /// partition is assigned; empty: state lives in memory only (lost on a restart or a
+    /// rebalance). Created at start-up if missing.
+    pub changelog_topic: String,
+    /// Replication factor of the changelog topic when segmentd creates it; -1: the
+    /// brokers' default.
+    pub changelog_replication: i32,
     /// librdkafka consumer properties, passed through as they are.
     pub consumer: BTreeMap<String, String>,
     /// librdkafka producer properties, passed through as they are.
@@ -113,6 +120,8 @@ impl Default for KafkaConfig {
             input_topics: vec!["clickstream".into(), "purchases".into()],
             output_topic: "segment-changes".into(),
             dead_letter_topic: "segmentd-dead-letter".into(),
+            changelog_topic: "segmentd-changelog".into(),
+            changelog_replication: -1,
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
             commit_interval: HumanDuration(1_000),
@@ -324,13 +333,26 @@ impl Config {
                 return fail(format!("{key} is empty"));
             }
         }
-        if self
-            .kafka
-            .input_topics
-            .iter()
-            .any(|t| *t == self.kafka.output_topic || *t == self.kafka.dead_letter_topic)
+        if self.kafka.input_topics.iter().any(|t| {
+            *t == self.kafka.output_topic
+                || *t == self.kafka.dead_letter_topic
+                || *t == self.kafka.changelog_topic
+        }) {
+            return fail("an input topic is also the output, dead-letter or changelog topic: segmentd would read its own output".into());
+        }
+        let changelog = &self.kafka.changelog_topic;
+        if !changelog.is_empty()
+            && (*changelog == self.kafka.output_topic || *changelog == self.kafka.dead_letter_topic)
         {
-            return fail("an input topic is also the output or dead-letter topic: segmentd would read its own output".into());
+            return fail(format!(
+                "kafka.changelog_topic `{changelog}` is also the output or dead-letter topic: it must hold state records only"
+            ));
+        }
+        if self.kafka.changelog_replication == 0 || self.kafka.changelog_replication < -1 {
+            return fail(
+                "kafka.changelog_replication must be positive, or -1 for the brokers' default"
+                    .into(),
+            );
         }
         if self.limits.max_event_bytes == 0 {
             return fail("limits.max_event_bytes must be positive".into());

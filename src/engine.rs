@@ -92,6 +92,48 @@ impl Engine {
             .collect()
     }
 
+    /// Puts a customer's restored state in the store (replacing any it had), counting its
+    /// memberships. With `new_timer` (a state translated from other rules) its timer is
+    /// computed afresh. Returns its pending timer.
+    pub fn restore(
+        &self,
+        id: Box<str>,
+        mut state: CustomerState,
+        new_timer: bool,
+    ) -> Option<Millis> {
+        if new_timer {
+            state.timer = self.next_deadline(&state, state.clock);
+        }
+        for membership in &state.segments {
+            self.members[usize::from(membership.segment)].fetch_add(1, Ordering::Relaxed);
+        }
+        let timer = state.timer;
+        if let Some(old) = self.store.insert(id, state) {
+            self.uncount(&old);
+        }
+        timer
+    }
+
+    /// Drops the customers of the partitions `which` selects (they moved to another
+    /// instance), uncounting their memberships. Returns how many were dropped.
+    pub fn drop_partitions(&self, which: impl Fn(i32) -> bool) -> usize {
+        let before = self.store.len();
+        self.store.retain(|_, state| {
+            let drop = which(state.partition);
+            if drop {
+                self.uncount(state);
+            }
+            !drop
+        });
+        before - self.store.len()
+    }
+
+    fn uncount(&self, state: &CustomerState) {
+        for membership in &state.segments {
+            self.members[usize::from(membership.segment)].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Applies one event, appending the segment changes it causes to `out` in order.
     pub fn apply(&self, event: &Event, out: &mut Vec<SegmentChange>) -> Outcome {
         let rules = &*self.rules;
@@ -120,6 +162,7 @@ impl Engine {
             event.ts.max(state.clock)
         };
         state.clock = now;
+        state.partition = event.partition;
         state.apply_builtin(event, self.session_gap);
         if state.slots.len() < rules.slots.len() {
             state.slots.resize(rules.slots.len(), SlotState::Empty);
@@ -179,15 +222,18 @@ impl Engine {
     }
 
     /// Fires every timer in `timers` due at `watermark`, in deadline order, rescheduling
-    /// each customer's next one (which may itself be due). Returns how many fired.
+    /// each customer's next one (which may itself be due); `on_fire` hears of each
+    /// customer fired. Returns how many fired.
     pub fn fire_due(
         &self,
         timers: &mut TimerWheel,
         watermark: Millis,
         out: &mut Vec<SegmentChange>,
+        mut on_fire: impl FnMut(&str),
     ) -> u64 {
         let mut fired = 0;
         while let Some((customer, deadline)) = timers.pop_due(watermark) {
+            on_fire(&customer);
             let next = self.fire(&customer, deadline, out);
             timers.reschedule(customer, next);
             fired += 1;

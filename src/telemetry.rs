@@ -53,6 +53,19 @@ pub struct Metrics {
     pub timers_fired: IntCounter,
     /// `segmentd_events_late_total`: events older than their partition's watermark.
     pub events_late: IntCounter,
+    /// `segmentd_state_restore_seconds`: how long each partition's restore from the
+    /// changelog took, from assignment to its events flowing.
+    pub restore_seconds: Histogram,
+    /// `segmentd_state_restoring_partitions`: partitions being restored now.
+    pub restoring: IntGauge,
+    /// `segmentd_state_restore_remaining_records{partition}`: changelog records left to
+    /// read for each partition being restored (its progress).
+    pub restore_remaining: IntGaugeVec,
+    /// `segmentd_state_restored_customers_total`: customers restored from the changelog.
+    pub restored_customers: IntCounter,
+    /// `segmentd_changelog_records_total`: customer states written to the changelog (and
+    /// acknowledged).
+    pub changelog_records: IntCounter,
 }
 
 impl Metrics {
@@ -147,6 +160,33 @@ impl Metrics {
             events_late: counter(
                 "segmentd_events_late_total",
                 "Events older than their partition's watermark (applied, evaluated at their customer's latest time).",
+            ),
+            restore_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "segmentd_state_restore_seconds",
+                        "Seconds each assigned partition spent restoring its customers from the changelog before its events flowed.",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                ),
+            ),
+            restoring: gauge(
+                "segmentd_state_restoring_partitions",
+                "Assigned partitions still restoring state from the changelog (their events wait).",
+            ),
+            restore_remaining: gauge_vec(
+                "segmentd_state_restore_remaining_records",
+                "Changelog records left to read, per partition being restored.",
+                &["partition"],
+            ),
+            restored_customers: counter(
+                "segmentd_state_restored_customers_total",
+                "Customer states restored from the changelog.",
+            ),
+            changelog_records: counter(
+                "segmentd_changelog_records_total",
+                "Customer states written to the changelog and acknowledged.",
             ),
             registry,
         };

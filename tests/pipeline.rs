@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    DEAD, INPUT, OUTPUT, Service, check_committed, embedded_broker, http_get, http_request,
-    producer, read_records, script_round_trip, test_config, wait_for,
+    DEAD, INPUT, OUTPUT, Service, TRAFFIC_START, changes_by_customer, check_committed,
+    committed_total, embedded_broker, generated_messages, http_get, http_request, producer,
+    read_records, replay_changes, script_round_trip, test_config, wait_for,
 };
-use segmentd::time::partition::PartitionTime;
 use serde_json::Value;
 
 /// Proves the at-least-once pipeline end to end: the scripted events of the golden cart
@@ -141,64 +141,14 @@ async fn a_bad_client_property_is_an_error_at_start() {
 /// segment, transition, `at`, `seq`, `id` — equals the engine's over the events in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_on_partitions_equals_replay() {
-    use segmentd::generate::{Format, Generator, GeneratorConfig};
-    use std::collections::BTreeMap;
-
     let mock = embedded_broker(1, 4);
     let brokers = mock.bootstrap_servers();
     let config = test_config(&brokers, INPUT, "run-equals-replay");
-    let replay = segmentd::engine::Engine::new(
-        std::sync::Arc::new(config.rule_set().unwrap()),
-        segmentd::state::new_store(),
-        config.time.session_gap.millis(),
-    );
-    let mut replay_time = PartitionTime::new(config.time.replay(), 0);
-    let mut generator = Generator::new(GeneratorConfig {
-        seed: 3,
-        customers: 60,
-        format: Format::Mixed,
-        invalid_share: 0.01,
-    });
-    let messages: Vec<_> = (0..3_000)
-        .map(|i| generator.next_at(1_767_225_600_000 + i * 20_000))
-        .collect();
+    let messages = generated_messages(3, 60, 3_000);
     // Time runs on 100 days past the traffic, so that every timer (lapsed buyers
     // included) fires: in replay by `--until`, in `run` by the wall clock of idle partitions.
-    let until = 1_767_225_600_000 + 3_000 * 20_000 + 100 * segmentd::time::DAY;
-    let mut changes = Vec::new();
-    for message in &messages {
-        if let Ok(event) =
-            segmentd::event::parse_event(&message.payload, config.limits.max_event_bytes)
-        {
-            replay_time.take(&replay, event, (), 0, &mut changes, &mut Vec::new());
-        }
-    }
-    replay_time.finish(&replay, until, &mut changes, &mut Vec::new());
-    assert!(
-        changes
-            .iter()
-            .any(|c| c.cause == segmentd::emit::change::Cause::Timer),
-        "timers fire"
-    );
-    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    {
-        {
-            for change in &changes {
-                let line = format!(
-                    "{} {} {} {} {}",
-                    change.segment,
-                    change.transition.as_str(),
-                    segmentd::time::format_timestamp(change.at),
-                    change.seq,
-                    change.id()
-                );
-                expected
-                    .entry(change.customer_id.to_string())
-                    .or_default()
-                    .push(line);
-            }
-        }
-    }
+    let until = TRAFFIC_START + 3_000 * 20_000 + 100 * segmentd::time::DAY;
+    let (expected, _) = replay_changes(&config, &messages, until);
     let total: usize = expected.values().map(Vec::len).sum();
     assert!(total > 100, "the traffic causes changes: {total}");
 
@@ -214,33 +164,14 @@ async fn run_on_partitions_equals_replay() {
         "every message processed",
         Duration::from_secs(60),
         async || {
-            let committed: i64 = (0..4)
-                .map(|p| {
-                    common::committed_offset(&brokers, "run-equals-replay", INPUT, p).unwrap_or(0)
-                })
-                .sum();
+            let committed = committed_total(&brokers, "run-equals-replay", INPUT, 4);
             (committed == messages.len() as i64).then_some(())
         },
     )
     .await;
     clock.set(until + config.time.allowed_lateness.millis());
     let records = read_records(&brokers, OUTPUT, total, Duration::from_secs(60)).await;
-    let mut actual: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for record in &records {
-        let change = record.json();
-        let line = format!(
-            "{} {} {} {} {}",
-            change["segment"].as_str().unwrap(),
-            change["transition"].as_str().unwrap(),
-            change["at"].as_str().unwrap(),
-            change["seq"],
-            change["id"].as_str().unwrap()
-        );
-        actual
-            .entry(change["customer_id"].as_str().unwrap().to_owned())
-            .or_default()
-            .push(line);
-    }
+    let actual = changes_by_customer(&records);
     assert_eq!(actual, expected);
     service.stop().await.expect("a clean shutdown");
 }

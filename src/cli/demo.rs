@@ -60,6 +60,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         (INPUT_TOPIC, 4),
         (config.kafka.output_topic.as_str(), 4),
         (config.kafka.dead_letter_topic.as_str(), 1),
+        (config.kafka.changelog_topic.as_str(), 4),
     ] {
         mock.create_topic(topic, partitions, 1)
             .with_context(|| format!("cannot create topic {topic}"))?;

@@ -50,6 +50,9 @@ pub struct Event {
     pub traits: Props,
     /// Money of a purchase or refund: `revenue`, else `total`, else the sum of its items.
     pub revenue: Option<f64>,
+    /// The number of the input partition it was read from (0 when read from a file): its
+    /// customer's state belongs to that partition, and moves with it.
+    pub partition: i32,
 }
 
 impl Event {
@@ -328,6 +331,12 @@ pub(crate) fn customer_id(id: Option<&str>, key: &str) -> Result<Box<str>, Inval
                 id.len()
             ),
         )),
+        // Control characters are never part of a real id, and a leading NUL marks
+        // segmentd's own records in the changelog.
+        Some(id) if id.chars().any(char::is_control) => Err(InvalidEvent::new(
+            InvalidReason::WrongType,
+            format!("`{key}` contains a control character"),
+        )),
         Some(id) => Ok(id.into()),
     }
 }
@@ -500,6 +509,14 @@ mod tests {
                 proptest::prop_assert!(!err.detail.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_customer_id_with_a_control_character_is_refused() {
+        let payload = br#"{"type":"page_view","customer_id":"\u0000rules:1","ts":1}"#;
+        let err = parse_event(payload, 1 << 16).unwrap_err();
+        assert_eq!(err.reason, InvalidReason::WrongType);
+        assert!(err.detail.contains("control character"), "{}", err.detail);
     }
 
     #[test]

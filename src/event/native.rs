@@ -58,6 +58,7 @@ pub fn from_object(object: Map<String, Value>) -> Result<Event, InvalidEvent> {
         context: scalar_props(opt_object(&object, "context")?),
         traits: scalar_props(traits),
         revenue,
+        partition: 0,
     })
 }
 

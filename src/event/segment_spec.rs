@@ -76,6 +76,7 @@ pub fn from_object(object: Map<String, Value>) -> Result<Event, InvalidEvent> {
         context: flat_context(context)?,
         traits: scalar_props(opt_object(&object, "traits")?),
         revenue,
+        partition: 0,
     })
 }
 

@@ -2,9 +2,9 @@
 //! `GET /customers/{id}` and `GET /segments`. Every error is JSON:
 //! `{"error": "...", ...}` with a fitting status.
 
+use crate::ingest::Readiness;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -26,8 +26,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
-    /// Whether the instance owns its partitions and can serve (`/readyz`).
-    pub ready: Arc<AtomicBool>,
+    /// Whether the instance owns its partitions, restored, and can serve (`/readyz`).
+    pub ready: Arc<Readiness>,
     /// Extra gauges refreshed at scrape time (the producer queue).
     pub on_scrape: Arc<dyn Fn() + Send + Sync>,
 }
@@ -113,13 +113,12 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Relaxed) {
-        axum::Json(json!({"status": "ready"})).into_response()
-    } else {
-        error(
+    match state.ready.status() {
+        Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+        Err(why) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "not ready", "error": "no partitions assigned yet"}),
-        )
+            json!({"status": "not ready", "error": why}),
+        ),
     }
 }
 

@@ -1,47 +1,103 @@
 //! The consumer: its configuration and its context (rebalance and statistics callbacks).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::ThreadedProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
 
 use super::Partitions;
+use super::changelog::{Changelog, TIMER_TOPIC, send_blocking};
+use super::delivery::Acknowledger;
 use super::offsets::{OffsetTracker, PartitionKey};
+use super::restore::{Readiness, Restorer};
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::telemetry::Metrics;
 
-/// Callbacks librdkafka makes on the consumer: rebalances (drained before revocation,
-/// counted, logged, and the readiness flag) and statistics (consumer lag per partition).
+/// Callbacks librdkafka makes on the consumer: rebalances (co-partitioned assignment,
+/// draining and checkpointing before revocation, restoring after assignment, counted and
+/// logged) and statistics (consumer lag per partition).
 pub struct IngestContext {
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
     tracker: Arc<OffsetTracker>,
     partitions: Partitions,
+    engine: Engine,
+    /// The input topics; the group assigns the first one's partitions, and the others'
+    /// partitions of the same numbers follow them.
+    inputs: Vec<String>,
+    /// Durable state, when a changelog topic is configured.
+    durable: Option<Durable>,
+}
+
+/// What revocation and assignment need when state is durable.
+pub struct Durable {
+    /// The changelog writer.
+    pub changelog: Arc<Changelog>,
+    /// Restores assigned partitions.
+    pub restorer: Arc<Restorer>,
+    /// The producer, set once created (it is created after the consumer, whose handle
+    /// its delivery callback needs).
+    pub producer: OnceLock<Arc<ThreadedProducer<Acknowledger>>>,
 }
 
 impl IngestContext {
-    /// A context reporting into `metrics`, raising `ready` at the first assignment,
-    /// draining `tracker` for revoked partitions and dropping their timers from
-    /// `partitions`.
+    /// A context reporting into `metrics` and `readiness`, draining `tracker` for revoked
+    /// partitions and dropping their timers from `partitions` and their customers from
+    /// `engine`; with `durable`, checkpointing revoked partitions and restoring assigned
+    /// ones.
     pub fn new(
         metrics: Arc<Metrics>,
-        ready: Arc<AtomicBool>,
+        readiness: Arc<Readiness>,
         tracker: Arc<OffsetTracker>,
         partitions: Partitions,
+        engine: Engine,
+        inputs: Vec<String>,
+        durable: Option<Durable>,
     ) -> Self {
         IngestContext {
             metrics,
-            ready,
+            readiness,
             tracker,
             partitions,
+            engine,
+            inputs,
+            durable,
         }
+    }
+
+    /// The durable-state parts, if any.
+    pub fn durable(&self) -> Option<&Durable> {
+        self.durable.as_ref()
+    }
+
+    /// The group's assignment of the first input topic, with the same partition numbers
+    /// of every other input topic: a customer's events from all of them meet on one
+    /// instance.
+    fn co_partitioned(&self, assigned: &TopicPartitionList) -> (TopicPartitionList, Vec<i32>) {
+        let numbers: Vec<i32> = assigned
+            .elements()
+            .iter()
+            .filter(|p| self.inputs.first().is_some_and(|t| t == p.topic()))
+            .map(|p| p.partition())
+            .collect();
+        let mut list = assigned.clone();
+        for topic in self.inputs.iter().skip(1) {
+            for &number in &numbers {
+                if list.find_partition(topic, number).is_none() {
+                    list.add_partition(topic, number);
+                }
+            }
+        }
+        (list, numbers)
     }
 
     /// Drops the watermark and timers of partition numbers no longer assigned on any
@@ -66,6 +122,87 @@ impl IngestContext {
             keep
         });
     }
+
+    /// Before partitions go: stop their restores, wait until their in-flight records
+    /// are acknowledged, write a last checkpoint of their customers and wait for it, then
+    /// commit, so the next owner restores exactly what was applied and starts right
+    /// after it. Their customers are then dropped.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, numbers: &[i32]) {
+        let is_revoked = |key: &PartitionKey| numbers.contains(&key.1);
+        if let Some(durable) = &self.durable {
+            for &number in numbers {
+                durable.restorer.cancel(number);
+            }
+        }
+        super::abandon_held(&self.partitions, &self.tracker, is_revoked);
+        let drained = self.tracker.drain(is_revoked, super::DRAIN_TIMEOUT);
+        if !drained {
+            tracing::warn!(
+                "Revoked partitions still had unacknowledged output: their input will be read again."
+            );
+        }
+        let mut committable = drained;
+        if let Some(durable) = &self.durable {
+            committable &= self.final_checkpoint(consumer, durable, numbers);
+            durable.changelog.forget(|number| numbers.contains(&number));
+        }
+        if committable {
+            if let Err(err) = commit_released(consumer, &self.tracker, is_revoked) {
+                tracing::warn!(error = %err, "Commit before revocation failed: the next owner re-reads from the last commit.");
+            }
+        } else {
+            self.tracker.release(is_revoked);
+        }
+        let dropped = self
+            .engine
+            .drop_partitions(|number| numbers.contains(&number));
+        tracing::info!(partitions = ?numbers, customers = dropped, "Dropped the revoked partitions' state.");
+    }
+
+    /// Checkpoints the revoked partitions' changed customers and waits until the
+    /// changelog has them. Returns whether it does (else nothing is committed).
+    fn final_checkpoint(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        durable: &Durable,
+        numbers: &[i32],
+    ) -> bool {
+        let Some(producer) = durable.producer.get() else {
+            return false;
+        };
+        let changelog = &durable.changelog;
+        changelog.checkpoint(numbers, &self.partitions, &self.tracker, &self.engine);
+        let (outgoing, ready) = changelog.ready(&self.tracker);
+        for (partition, offset) in ready {
+            store_offset(consumer, &partition, offset);
+        }
+        for batch in &outgoing {
+            for index in 0..batch.len() {
+                if let Err(err) = send_blocking(producer, changelog.record(batch, index)) {
+                    tracing::warn!(error = %err, "Changelog write before revocation failed.");
+                    return false;
+                }
+            }
+        }
+        let settled = changelog.wait_settled(numbers, super::DRAIN_TIMEOUT);
+        if !settled {
+            tracing::warn!(
+                "The revoked partitions' last changelog checkpoint was not acknowledged in time: their input will be read again."
+            );
+        }
+        settled
+    }
+}
+
+/// Stores an input offset on a consumer for the next commit.
+fn store_offset<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partition: &PartitionKey,
+    offset: i64,
+) {
+    if let Err(err) = consumer.store_offset(&partition.0, partition.1, offset) {
+        tracing::debug!(error = %err, topic = %partition.0, partition = partition.1, "Offset not stored.");
+    }
 }
 
 impl ClientContext for IngestContext {
@@ -85,47 +222,61 @@ impl ClientContext for IngestContext {
 }
 
 impl ConsumerContext for IngestContext {
-    /// Before partitions go: wait until their in-flight records are acknowledged (their
-    /// offsets stored), then commit, so the next owner starts right after them.
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(partitions) = rebalance else {
-            return;
-        };
-        let revoked: Vec<(String, i32)> = partitions
-            .elements()
-            .iter()
-            .map(|p| (p.topic().to_owned(), p.partition()))
-            .collect();
-        let is_revoked = |(topic, partition): &PartitionKey| {
-            revoked
-                .iter()
-                .any(|(t, p)| **topic == **t && partition == p)
-        };
-        super::abandon_held(&self.partitions, &self.tracker, is_revoked);
-        let drained = self.tracker.drain(is_revoked, super::DRAIN_TIMEOUT);
-        if !drained {
-            tracing::warn!(
-                "Revoked partitions still had unacknowledged output: their input will be read again."
-            );
-        }
-        if let Err(err) = commit_released(consumer, &self.tracker, is_revoked) {
-            tracing::warn!(error = %err, "Commit before revocation failed: the next owner re-reads from the last commit.");
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(partitions) => {
+    /// Applies the group's assignment extended to every input topic (see
+    /// [`IngestContext::co_partitioned`]), with the usual callbacks around it.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        assignment: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let (list, numbers) = self.co_partitioned(assignment);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let result = if cooperative {
+                    consumer.incremental_assign(&list)
+                } else {
+                    consumer.assign(&list)
+                };
+                if let Err(err) = result {
+                    tracing::error!(error = %err, "Cannot take the assigned partitions.");
+                    return;
+                }
                 self.metrics.rebalances.inc();
-                self.ready.store(true, Ordering::Relaxed);
-                tracing::info!(partitions = partitions.count(), "Partitions assigned.");
+                self.readiness.assigned();
+                if let Some(durable) = &self.durable {
+                    for &number in &numbers {
+                        let inputs = durable.restorer.inputs_of(number);
+                        if let Err(err) = consumer.pause(&inputs) {
+                            tracing::warn!(error = %err, partition = number, "Cannot pause a partition being restored.");
+                        }
+                        durable.restorer.start(number);
+                    }
+                }
+                tracing::info!(partitions = ?numbers, "Partitions assigned.");
             }
-            Rebalance::Revoke(partitions) => {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoke(consumer, &numbers);
+                let result = if cooperative {
+                    consumer.incremental_unassign(&list)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(err) = result {
+                    tracing::warn!(error = %err, "Cannot release the revoked partitions.");
+                }
                 self.forget_revoked(consumer);
                 self.metrics.rebalances.inc();
-                tracing::info!(partitions = partitions.count(), "Partitions revoked.");
+                tracing::info!(partitions = ?numbers, "Partitions revoked.");
             }
-            Rebalance::Error(err) => tracing::warn!(error = %err, "Rebalance failed."),
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::warn!(error = %code, "Rebalance failed.");
+            }
         }
     }
 }
@@ -165,7 +316,11 @@ pub fn commit_released<X: ConsumerContext>(
     tracker: &OffsetTracker,
     which: impl Fn(&PartitionKey) -> bool,
 ) -> Result<usize, KafkaError> {
-    let released = tracker.release(which);
+    let released: Vec<(PartitionKey, i64)> = tracker
+        .release(which)
+        .into_iter()
+        .filter(|(key, _)| *key.0 != *TIMER_TOPIC)
+        .collect();
     if released.is_empty() {
         return Ok(0);
     }

@@ -10,6 +10,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use tokio::sync::Notify;
 
+use super::changelog::{Changelog, TIMER_TOPIC};
 use super::consumer::IngestContext;
 use super::offsets::{OffsetTracker, PartitionKey};
 use crate::telemetry::Metrics;
@@ -24,6 +25,9 @@ pub struct Ticket {
     pub offset: Option<i64>,
     /// For a dead-letter copy: the rejection reason (for its metric).
     pub dead_letter: Option<&'static str>,
+    /// For a changelog record: its checkpoint (`partition` is then the changelog
+    /// partition).
+    pub checkpoint: Option<u64>,
 }
 
 /// The first delivery failure, and a wake-up for the consume loop.
@@ -60,6 +64,9 @@ pub struct Acknowledger {
     pub metrics: Arc<Metrics>,
     /// Where a failure is reported.
     pub failure: Arc<DeliveryFailure>,
+    /// The changelog writer, if state is durable: its checkpoints decide which offsets
+    /// are stored.
+    pub changelog: Option<Arc<Changelog>>,
 }
 
 impl ClientContext for Acknowledger {}
@@ -79,15 +86,30 @@ impl ProducerContext for Acknowledger {
             self.failure.record(error.clone());
             return;
         }
+        if let Some(checkpoint) = ticket.checkpoint {
+            self.metrics.changelog_records.inc();
+            if let Some(changelog) = &self.changelog {
+                for (partition, offset) in changelog.acknowledged(ticket.partition.1, checkpoint) {
+                    store(&self.consumer, &partition, offset);
+                }
+            }
+            return;
+        }
         if let Some(reason) = ticket.dead_letter {
             self.metrics.dead_letters.with_label_values(&[reason]).inc();
         }
         let Some(offset) = ticket.offset else { return };
         let completed = self.tracker.acknowledged(&ticket.partition, offset);
+        if *ticket.partition.0 == *TIMER_TOPIC {
+            // Idle timers' changes: tracked so that checkpoints wait for them, but they
+            // answer to no input message (no latency, no offset).
+            return;
+        }
         for latency in completed.latencies {
             self.metrics.event_to_emit.observe(latency.as_secs_f64());
         }
-        if let Some(offset) = completed.store {
+        // With a changelog, offsets are stored by settled checkpoints instead.
+        if let (Some(offset), None) = (completed.store, &self.changelog) {
             store(&self.consumer, &ticket.partition, offset);
         }
     }

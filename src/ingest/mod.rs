@@ -22,15 +22,17 @@
 //! commit, leave the group. A drain that cannot finish within [`DRAIN_TIMEOUT`] abandons
 //! the rest: those offsets are not committed and the messages are read again.
 
+mod changelog;
 mod consumer;
 mod delivery;
 pub mod offsets;
+mod restore;
+pub mod topics;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
@@ -43,17 +45,21 @@ use crate::config::Config;
 use crate::emit::change::SegmentChange;
 use crate::emit::producer::{change_payload, create_producer, dead_letter_headers, send};
 use crate::engine::{Engine, Outcome};
-use crate::event::parse_event;
+use crate::event::{Event, parse_event};
 use crate::rules::RuleSet;
 use crate::state::new_store;
 use crate::telemetry::{InvalidEventReceived, Metrics};
 use crate::time::WallClock;
 use crate::time::partition::{PartitionTime, Released, TimeSettings};
 
+use changelog::{Changelog, TIMER_TOPIC};
+use consumer::Durable;
 use delivery::{Acknowledger, DeliveryFailure, Ticket};
 use offsets::{OffsetTracker, PartitionKey};
+use restore::{AlreadyApplied, Restored, Restorer};
 
 pub use consumer::IngestContext;
+pub use restore::Readiness;
 
 /// How long a drain (rebalance or shutdown) waits for in-flight records.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,6 +70,9 @@ pub enum ServiceError {
     /// A Kafka client could not be created or subscribed (bad brokers, bad properties).
     #[error("Kafka client: {0}")]
     Kafka(#[from] KafkaError),
+    /// The topics are missing or unusable (not co-partitioned, changelog not compacted).
+    #[error(transparent)]
+    Topics(#[from] topics::TopicError),
     /// The HTTP port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Http {
@@ -110,35 +119,52 @@ pub async fn run(
         new_store(),
         config.time.session_gap.millis(),
     );
-    let ready = Arc::new(AtomicBool::new(false));
+    let readiness = Arc::new(Readiness::default());
     let tracker = OffsetTracker::new();
     let partitions: Partitions = Arc::default();
+    let (restored_tx, mut restored_rx) = tokio::sync::mpsc::unbounded_channel();
+    let durable = (!config.kafka.changelog_topic.is_empty()).then(|| Durable {
+        changelog: Changelog::new(&config.kafka.changelog_topic, &engine),
+        restorer: Arc::new(Restorer::new(
+            &config,
+            engine.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            restored_tx,
+        )),
+        producer: OnceLock::new(),
+    });
     let context = IngestContext::new(
         metrics.clone(),
-        ready.clone(),
+        readiness.clone(),
         tracker.clone(),
         partitions.clone(),
+        engine.clone(),
+        config.kafka.input_topics.clone(),
+        durable,
     );
     let consumer = Arc::new(consumer::create_consumer(&config, context)?);
+    let changelog = consumer.context().durable().map(|d| d.changelog.clone());
+    let restorer = consumer.context().durable().map(|d| d.restorer.clone());
     let failure = Arc::new(DeliveryFailure::default());
     let acknowledger = Acknowledger {
         tracker: tracker.clone(),
         consumer: consumer.clone(),
         metrics: metrics.clone(),
         failure: failure.clone(),
+        changelog: changelog.clone(),
     };
     let producer = Arc::new(create_producer(
         &config.kafka.brokers,
         &config.kafka.producer,
         acknowledger,
     )?);
-    let topics: Vec<&str> = config
-        .kafka
-        .input_topics
-        .iter()
-        .map(String::as_str)
-        .collect();
-    consumer.subscribe(&topics)?;
+    if let Some(durable) = consumer.context().durable() {
+        let _ = durable.producer.set(producer.clone());
+    }
+    topics::prepare(&config).await?;
+    // The group assigns the first input topic's partitions; the others follow them.
+    consumer.subscribe(&[config.kafka.input_topics[0].as_str()])?;
 
     let queue_producer = producer.clone();
     let queue_metrics = metrics.clone();
@@ -147,7 +173,7 @@ pub async fn run(
         crate::http::AppState {
             engine: engine.clone(),
             metrics: metrics.clone(),
-            ready: ready.clone(),
+            ready: readiness.clone(),
             on_scrape: Arc::new(move || {
                 queue_metrics
                     .producer_queue
@@ -187,6 +213,10 @@ pub async fn run(
         partitions,
         time: config.time.live(),
         clock,
+        changelog,
+        restorer,
+        applied: Mutex::default(),
+        timer_batches: std::sync::atomic::AtomicI64::new(0),
     };
     tokio::pin!(shutdown);
     // Reused for every message: the changes it causes, and the events it lets apply.
@@ -194,6 +224,10 @@ pub async fn run(
     let mut released = Vec::new();
     let mut timer_tick = tokio::time::interval(TIMER_TICK);
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpoint_tick = tokio::time::interval(Duration::from_millis(
+        config.kafka.commit_interval.millis().max(1) as u64,
+    ));
+    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -202,14 +236,34 @@ pub async fn run(
                 break;
             }
             () = failure.notify.notified() => break,
+            Some(restored) = restored_rx.recv() => pipeline.take_restored(restored),
             _ = timer_tick.tick() => {
-                if let Err(err) = pipeline.fire_idle_timers(&mut changes).await {
+                let result = match pipeline.fire_idle_timers(&mut changes).await {
+                    Ok(()) => pipeline.send_checkpoints().await,
+                    err => err,
+                };
+                if let Err(err) = result {
+                    failure.record(err);
+                    break;
+                }
+            }
+            _ = checkpoint_tick.tick(), if pipeline.changelog.is_some() => {
+                pipeline.checkpoint(|_| true);
+                if let Err(err) = pipeline.send_checkpoints().await {
                     failure.record(err);
                     break;
                 }
             }
             message = consumer.recv() => match message {
                 Ok(message) => {
+                    // A message of a partition still restoring (fetched before it was
+                    // paused) waits for the restore.
+                    while pipeline.is_restoring(message.partition()) {
+                        match restored_rx.recv().await {
+                            Some(restored) => pipeline.take_restored(restored),
+                            None => break,
+                        }
+                    }
                     if let Err(err) = pipeline.process(&message, &mut changes, &mut released).await {
                         failure.record(err);
                         break;
@@ -220,23 +274,24 @@ pub async fn run(
         }
     }
 
+    if let Some(restorer) = &pipeline.restorer {
+        restorer.cancel_all();
+    }
     // Events still held for event-time order were not applied: their input is read again.
     abandon_held(&pipeline.partitions, &tracker, |_| true);
     // Drain: every acknowledged message's offset stored, then committed. Flushing and
     // waiting block, so they run off the async workers.
-    let drained = tokio::task::spawn_blocking({
-        let (producer, tracker) = (producer.clone(), tracker.clone());
-        move || {
-            let _ = producer.flush(DRAIN_TIMEOUT);
-            tracker.drain(|_| true, DRAIN_TIMEOUT)
-        }
-    })
-    .await
-    .unwrap_or(false);
-    if !drained {
+    let mut drained = drain(&producer, &tracker).await;
+    if drained && pipeline.changelog.is_some() {
+        // A last checkpoint of every partition: the next owner restores exactly this.
+        pipeline.checkpoint(|_| true);
+        drained = pipeline.send_checkpoints().await.is_ok() && pipeline.settle().await;
+    }
+    if drained {
+        commit_final(&consumer, &tracker).await;
+    } else {
         tracing::warn!("Some output was not acknowledged in time: its input will be read again.");
     }
-    commit_final(&consumer, &tracker).await;
     consumer.unsubscribe();
     http.stop().await;
     tracing::info!("Stopped.");
@@ -244,6 +299,23 @@ pub async fn run(
         Some(err) => Err(ServiceError::Delivery(err)),
         None => Ok(()),
     }
+}
+
+/// Flushes the producer and waits until nothing is in flight, off the async workers.
+/// Returns whether everything was acknowledged in time.
+async fn drain(
+    producer: &Arc<ThreadedProducer<Acknowledger>>,
+    tracker: &Arc<OffsetTracker>,
+) -> bool {
+    tokio::task::spawn_blocking({
+        let (producer, tracker) = (producer.clone(), tracker.clone());
+        move || {
+            let _ = producer.flush(DRAIN_TIMEOUT);
+            tracker.drain(|_| true, DRAIN_TIMEOUT)
+        }
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// A service running in the background (the demo, tests): what it exposes, and the means
@@ -316,7 +388,11 @@ async fn commit_final(
     consumer: &Arc<rdkafka::consumer::StreamConsumer<IngestContext>>,
     tracker: &OffsetTracker,
 ) {
-    let released = tracker.release(|_| true);
+    let released: Vec<(PartitionKey, i64)> = tracker
+        .release(|_| true)
+        .into_iter()
+        .filter(|(key, _)| *key.0 != *TIMER_TOPIC)
+        .collect();
     if released.is_empty() {
         return;
     }
@@ -388,6 +464,7 @@ fn ticket_for(partition: PartitionKey, offset: Option<i64>) -> Box<Ticket> {
         partition,
         offset,
         dead_letter: None,
+        checkpoint: None,
     })
 }
 
@@ -423,6 +500,14 @@ struct Pipeline {
     partitions: Partitions,
     time: TimeSettings,
     clock: WallClock,
+    /// The changelog writer, when state is durable.
+    changelog: Option<Arc<Changelog>>,
+    /// Restores assigned partitions, when state is durable.
+    restorer: Option<Arc<Restorer>>,
+    /// Per restored partition: the re-read messages its stored states already include.
+    applied: Mutex<BTreeMap<i32, AlreadyApplied>>,
+    /// Numbers the idle timers' batches of changes in the offset tracker.
+    timer_batches: std::sync::atomic::AtomicI64,
 }
 
 /// An input topic: its name, shared by every in-flight record's ticket, and its
@@ -449,6 +534,131 @@ impl InputTopic {
 }
 
 impl Pipeline {
+    /// A new partition's time: its changed customers recorded when state is durable.
+    fn new_partition_time(&self, wall_now: crate::time::Millis) -> PartitionTime<Source> {
+        let time = PartitionTime::new(self.time, wall_now);
+        if self.changelog.is_some() {
+            time.record_changes()
+        } else {
+            time
+        }
+    }
+
+    /// Whether partition `number` is being restored (its events must wait).
+    fn is_restoring(&self, number: i32) -> bool {
+        self.restorer
+            .as_ref()
+            .is_some_and(|restorer| restorer.is_restoring(number))
+    }
+
+    /// Takes in a finished restore: the restored customers' timers join the partition's
+    /// wheel, the messages their states include are marked, and the partition's input
+    /// resumes.
+    fn take_restored(&self, restored: Restored) {
+        let Some(restorer) = &self.restorer else {
+            return;
+        };
+        if !restorer.finish(&restored) {
+            return;
+        }
+        let number = restored.number;
+        {
+            let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            let time = partitions
+                .entry(number)
+                .or_insert_with(|| self.new_partition_time(self.clock.now()));
+            for (customer, deadline) in &restored.timers {
+                time.timers.schedule(customer, Some(*deadline));
+            }
+        }
+        if !restored.applied.is_empty() {
+            self.applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(number, restored.applied);
+        }
+        if let Err(err) = self.consumer.resume(&restorer.inputs_of(number)) {
+            tracing::error!(error = %err, partition = number, "Cannot resume a restored partition.");
+        }
+    }
+
+    /// Whether the event's customer's restored state already includes its message (read
+    /// again after a crash): then it is not applied twice.
+    fn already_applied(&self, event: &Event, partition: &PartitionKey, offset: i64) -> bool {
+        if self.restorer.is_none() {
+            return false;
+        }
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = applied.get_mut(&partition.1) else {
+            return false;
+        };
+        let included = list.includes(&event.customer_id, &partition.0, offset);
+        if list.read(&partition.0, offset) {
+            applied.remove(&partition.1);
+        }
+        included
+    }
+
+    /// Takes a changelog checkpoint of the partitions `which` selects.
+    fn checkpoint(&self, which: impl Fn(i32) -> bool) {
+        let Some(changelog) = &self.changelog else {
+            return;
+        };
+        let numbers: Vec<i32> = {
+            let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            partitions.keys().copied().filter(|&n| which(n)).collect()
+        };
+        changelog.checkpoint(&numbers, &self.partitions, &self.tracker, &self.engine);
+    }
+
+    /// Sends the checkpoints whose messages' outputs are acknowledged, and stores the
+    /// offsets settled checkpoints make committable.
+    async fn send_checkpoints(&self) -> Result<(), KafkaError> {
+        let Some(changelog) = &self.changelog else {
+            return Ok(());
+        };
+        let (outgoing, committable) = changelog.ready(&self.tracker);
+        for (partition, offset) in committable {
+            delivery::store(&self.consumer, &partition, offset);
+        }
+        for batch in &outgoing {
+            for index in 0..batch.len() {
+                send(&self.producer, changelog.record(batch, index)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At shutdown: waits until every checkpoint is sent and acknowledged. Returns
+    /// whether they were in time.
+    async fn settle(&self) -> bool {
+        let Some(changelog) = &self.changelog else {
+            return true;
+        };
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            if self.send_checkpoints().await.is_err() {
+                return false;
+            }
+            let numbers: Vec<i32> = {
+                let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+                partitions.keys().copied().collect()
+            };
+            let settled = tokio::task::spawn_blocking({
+                let changelog = changelog.clone();
+                move || changelog.wait_settled(&numbers, Duration::from_millis(100))
+            })
+            .await
+            .unwrap_or(false);
+            if settled {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+        }
+    }
+
     /// Parses, applies and produces the outputs of one input message, registering them in
     /// the tracker before any can be acknowledged.
     async fn process(
@@ -469,6 +679,7 @@ impl Pipeline {
                 partition: partition.clone(),
                 offset: Some(offset),
                 dead_letter,
+                checkpoint: None,
             })
         };
         match parse_event(payload, self.max_event_bytes) {
@@ -512,7 +723,13 @@ impl Pipeline {
                     other => other?,
                 }
             }
-            Ok(event) => {
+            Ok(mut event) => {
+                event.partition = partition.1;
+                if self.already_applied(&event, &partition, offset) {
+                    self.metrics.events_duplicate.inc();
+                    self.tracker.begin(&partition, offset, 0, received);
+                    return Ok(());
+                }
                 changes.clear();
                 let wall_now = self.clock.now();
                 let source = Source {
@@ -528,7 +745,7 @@ impl Pipeline {
                     let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
                     partitions
                         .entry(partition.1)
-                        .or_insert_with(|| PartitionTime::new(self.time, wall_now))
+                        .or_insert_with(|| self.new_partition_time(wall_now))
                         .take(&self.engine, event, source, wall_now, changes, released)
                 };
                 if step.late {
@@ -580,11 +797,18 @@ impl Pipeline {
                 })
                 .await?
             }
-            TimerChanges::Idle(number) => {
-                let source: PartitionKey = (Arc::from("(timer)"), number);
-                self.publish(timer_changes, || ticket_for(source.clone(), None))
+            TimerChanges::Idle(number) if !timer_changes.is_empty() => {
+                // Tracked like a message, so that checkpoints wait for these changes.
+                let source: PartitionKey = (Arc::from(TIMER_TOPIC), number);
+                let batch = self
+                    .timer_batches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.tracker
+                    .begin(&source, batch, timer_changes.len() as u32, Instant::now());
+                self.publish(timer_changes, || ticket_for(source.clone(), Some(batch)))
                     .await?
             }
+            TimerChanges::Idle(_) => {}
         }
         for event in released {
             let completed = self

@@ -44,6 +44,8 @@ struct PartitionState {
     in_flight: VecDeque<InFlight>,
     /// The last message completed in order: what may be committed.
     completed: Option<i64>,
+    /// The last message registered (and not abandoned): how far the partition was read.
+    registered: Option<i64>,
 }
 
 /// Input messages in flight, per partition. Shared by the consume loop (which registers),
@@ -80,6 +82,7 @@ impl OffsetTracker {
     ) -> Option<i64> {
         let mut partitions = self.lock();
         let state = partitions.entry(partition.clone()).or_default();
+        state.registered = Some(offset);
         if outputs == 0 && state.in_flight.is_empty() {
             state.completed = Some(offset);
             return Some(offset);
@@ -98,16 +101,14 @@ impl OffsetTracker {
     /// applied and its records [added](Self::add)).
     pub fn hold(&self, partition: &PartitionKey, offset: i64, received: Instant) {
         let mut partitions = self.lock();
-        partitions
-            .entry(partition.clone())
-            .or_default()
-            .in_flight
-            .push_back(InFlight {
-                offset,
-                outstanding: 1,
-                received,
-                produced: false,
-            });
+        let state = partitions.entry(partition.clone()).or_default();
+        state.registered = Some(offset);
+        state.in_flight.push_back(InFlight {
+            offset,
+            outstanding: 1,
+            received,
+            produced: false,
+        });
     }
 
     /// Input message `offset` of `partition` caused `outputs` more records (its event was
@@ -133,6 +134,9 @@ impl OffsetTracker {
         let mut partitions = self.lock();
         if let Some(state) = partitions.get_mut(partition) {
             state.in_flight.retain(|m| m.offset < offset);
+            if state.registered >= Some(offset) {
+                state.registered = Some(offset - 1).filter(|&o| o >= 0);
+            }
             if state.in_flight.is_empty() {
                 self.drained.notify_all();
             }
@@ -195,6 +199,7 @@ impl OffsetTracker {
             if left.is_zero() {
                 for (_, state) in partitions.iter_mut().filter(|(key, _)| which(key)) {
                     state.in_flight.clear();
+                    state.registered = state.completed;
                 }
                 return false;
             }
@@ -204,6 +209,24 @@ impl OffsetTracker {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// For each partition `which` chooses, the last message registered (read and not
+    /// abandoned): the position a changelog checkpoint of its customers stands for.
+    pub fn registered(&self, which: impl Fn(&PartitionKey) -> bool) -> Vec<(PartitionKey, i64)> {
+        self.lock()
+            .iter()
+            .filter(|(key, _)| which(key))
+            .filter_map(|(key, state)| state.registered.map(|offset| (key.clone(), offset)))
+            .collect()
+    }
+
+    /// Whether message `offset` of `partition`, and every earlier one, has all its
+    /// records acknowledged.
+    pub fn completed_through(&self, partition: &PartitionKey, offset: i64) -> bool {
+        self.lock()
+            .get(partition)
+            .is_some_and(|state| state.completed >= Some(offset))
     }
 
     /// Forgets the partitions chosen by `which` (they are leaving this instance) and

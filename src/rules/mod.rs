@@ -218,6 +218,9 @@ pub struct RuleSet {
     pub timed: Vec<u16>,
     /// `sha256:` of the rule definitions: stamped on every output record.
     pub version: Arc<str>,
+    /// A 64-bit hash of `version`: which rules a stored state was built with (the
+    /// changelog records it with every state, so it must stay small).
+    pub fingerprint: u64,
 }
 
 impl RuleSet {
@@ -312,8 +315,10 @@ impl RuleSet {
                     .collect()
             })
             .collect();
+        let version = version_of(defs);
         Ok(RuleSet {
-            version: version_of(defs).into(),
+            fingerprint: crate::event::stable_hash(version.as_bytes()),
+            version: version.into(),
             segments,
             slots,
             types,

@@ -52,6 +52,11 @@ pub struct CustomerState {
     pub clock: Millis,
     /// When the rules may next change with time alone: the one pending timer.
     pub timer: Option<Millis>,
+    /// The input partition number the customer's events come from: the state is dropped
+    /// when that partition moves to another instance. Not stored: the changelog
+    /// partition says it.
+    #[serde(skip)]
+    pub partition: i32,
 }
 
 /// Lifetime facts about a customer (`customer.*` in rules).

@@ -6,6 +6,7 @@
 //! piece of state derives serde's traits, so a customer can be written out and read back
 //! whole (a changelog, a dump).
 
+pub mod codec;
 pub mod customer;
 pub mod slots;
 pub mod window;

@@ -12,7 +12,7 @@
 //! `purchases` is one time line), as a customer's events on co-partitioned topics share
 //! a partition number.
 
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 
 use crate::emit::change::SegmentChange;
 use crate::engine::{Engine, Outcome, TimerUpdate};
@@ -99,6 +99,9 @@ pub struct PartitionTime<T = ()> {
     pub timers: TimerWheel,
     held: BinaryHeap<Held<T>>,
     arrivals: u64,
+    /// Customers whose state changed since [`Self::take_changed`] last ran, when asked to
+    /// [record them](Self::record_changes): whom the next changelog checkpoint writes.
+    changed: Option<HashSet<Box<str>, foldhash::fast::RandomState>>,
 }
 
 /// An event waiting for the watermark, ordered by (time, arrival) — earliest first.
@@ -158,7 +161,29 @@ impl<T> PartitionTime<T> {
             timers: TimerWheel::new(),
             held: BinaryHeap::new(),
             arrivals: 0,
+            changed: None,
         }
+    }
+
+    /// From now on, remembers which customers' state changes (events applied, timers
+    /// fired), for [`Self::take_changed`].
+    pub fn record_changes(mut self) -> Self {
+        self.changed = Some(HashSet::default());
+        self
+    }
+
+    /// The customers whose state changed since the last call (none unless
+    /// [recording](Self::record_changes)).
+    pub fn take_changed(&mut self) -> Vec<Box<str>> {
+        self.changed
+            .as_mut()
+            .map(|changed| changed.drain().collect())
+            .unwrap_or_default()
+    }
+
+    /// The tags of the events held for event-time order.
+    pub fn held(&self) -> impl Iterator<Item = &T> {
+        self.held.iter().map(|held| &held.tag)
     }
 
     /// Takes one event in: advances the watermark, then applies the event at once (on
@@ -255,7 +280,14 @@ impl<T> PartitionTime<T> {
             let Held { event, tag, .. } = self.held.pop().expect("peeked");
             fired += self.apply_one(engine, &event, tag, out, released);
         }
-        fired + engine.fire_due(&mut self.timers, self.watermark.current(), out)
+        let changed = &mut self.changed;
+        fired
+            + engine.fire_due(
+                &mut self.timers,
+                self.watermark.current(),
+                out,
+                |customer| note_change(changed, customer),
+            )
     }
 
     /// Applies one event and reschedules its customer's timer. Returns the customer's
@@ -276,6 +308,7 @@ impl<T> PartitionTime<T> {
             ..
         } = outcome
         {
+            note_change(&mut self.changed, &event.customer_id);
             fired = u64::from(timers_fired);
             if let TimerUpdate::Set(deadline) = timer {
                 self.timers.schedule(&event.customer_id, deadline);
@@ -287,6 +320,18 @@ impl<T> PartitionTime<T> {
             changes_end: out.len(),
         });
         fired
+    }
+}
+
+/// Remembers that `customer`'s state changed, if changes are recorded.
+fn note_change(
+    changed: &mut Option<HashSet<Box<str>, foldhash::fast::RandomState>>,
+    customer: &str,
+) {
+    if let Some(changed) = changed
+        && !changed.contains(customer)
+    {
+        changed.insert(customer.into());
     }
 }
 

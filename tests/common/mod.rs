@@ -28,15 +28,18 @@ pub const INPUT: &str = "clickstream";
 pub const OUTPUT: &str = "segment-changes";
 /// The dead-letter topic of the reference config.
 pub const DEAD: &str = "segmentd-dead-letter";
+/// The changelog topic of the reference config (the embedded broker cannot compact: its
+/// records simply accumulate, which restores the same states).
+pub const CHANGELOG: &str = "segmentd-changelog";
 
 /// An embedded broker cluster (librdkafka's mock, on a loopback port) with the input,
-/// output and dead-letter topics created, each with `partitions` partitions.
+/// output, dead-letter and changelog topics created, each with `partitions` partitions.
 pub fn embedded_broker(
     brokers: i32,
     partitions: i32,
 ) -> MockCluster<'static, DefaultProducerContext> {
     let mock = MockCluster::new(brokers).expect("embedded broker");
-    for topic in [INPUT, OUTPUT, DEAD] {
+    for topic in [INPUT, OUTPUT, DEAD, CHANGELOG] {
         mock.create_topic(topic, partitions, 1).expect("topic");
     }
     mock
@@ -512,4 +515,163 @@ pub fn check_committed(brokers: &str, group: &str, topic: &str, partitions: i32,
         );
     }
     assert_eq!(total, produced, "every produced message is in the topic");
+}
+
+/// Generated traffic (both formats, some malformed) for the run-versus-replay tests.
+pub fn generated_messages(
+    seed: u64,
+    customers: u32,
+    count: i64,
+) -> Vec<segmentd::generate::Generated> {
+    use segmentd::generate::{Format, Generator, GeneratorConfig};
+    let mut generator = Generator::new(GeneratorConfig {
+        seed,
+        customers,
+        format: Format::Mixed,
+        invalid_share: 0.01,
+    });
+    (0..count)
+        .map(|i| generator.next_at(TRAFFIC_START + i * 20_000))
+        .collect()
+}
+
+/// When generated traffic starts.
+pub const TRAFFIC_START: i64 = 1_767_225_600_000;
+
+/// One change as the run-versus-replay tests compare it: segment, transition, `at`,
+/// `seq`, `id`.
+fn change_line(segment: &str, transition: &str, at: &str, seq: u64, id: &str) -> String {
+    format!("{segment} {transition} {at} {seq} {id}")
+}
+
+/// What one uninterrupted `replay` of `messages` publishes, per customer, with time run
+/// on to `until` so that pending timers fire; and the engine, holding the final states.
+pub fn replay_changes(
+    config: &Config,
+    messages: &[segmentd::generate::Generated],
+    until: i64,
+) -> (BTreeMap<String, Vec<String>>, Engine) {
+    use segmentd::time::partition::PartitionTime;
+    let replay = Engine::new(
+        Arc::new(config.rule_set().unwrap()),
+        segmentd::state::new_store(),
+        config.time.session_gap.millis(),
+    );
+    let mut replay_time = PartitionTime::new(config.time.replay(), 0);
+    let mut changes = Vec::new();
+    for message in messages {
+        if let Ok(event) =
+            segmentd::event::parse_event(&message.payload, config.limits.max_event_bytes)
+        {
+            replay_time.take(&replay, event, (), 0, &mut changes, &mut Vec::new());
+        }
+    }
+    replay_time.finish(&replay, until, &mut changes, &mut Vec::new());
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.cause == segmentd::emit::change::Cause::Timer),
+        "timers fire"
+    );
+    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for change in &changes {
+        expected
+            .entry(change.customer_id.to_string())
+            .or_default()
+            .push(change_line(
+                &change.segment,
+                change.transition.as_str(),
+                &segmentd::time::format_timestamp(change.at),
+                change.seq,
+                &change.id(),
+            ));
+    }
+    (expected, replay)
+}
+
+/// Output records per customer in the order published, each change once (at-least-once
+/// delivery may repeat a change after a restart: a repeat carries the same `id`).
+pub fn changes_by_customer(records: &[Record]) -> BTreeMap<String, Vec<String>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut actual: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for record in records {
+        let change = record.json();
+        let id = change["id"].as_str().unwrap().to_owned();
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        actual
+            .entry(change["customer_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(change_line(
+                change["segment"].as_str().unwrap(),
+                change["transition"].as_str().unwrap(),
+                change["at"].as_str().unwrap(),
+                change["seq"].as_u64().unwrap(),
+                &id,
+            ));
+    }
+    actual
+}
+
+/// Reads `topic` from the start until it holds `unique` distinct change ids, failing after
+/// `limit`; then checks for a short while that no change with a new id follows.
+/// Repeats of an id (at-least-once after a restart) are kept.
+pub async fn read_unique_changes(
+    brokers: &str,
+    topic: &str,
+    unique: usize,
+    limit: Duration,
+) -> Vec<Record> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!(
+                "reader-{topic}-{}-{}",
+                std::process::id(),
+                READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while ids.len() < unique {
+        let message = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {unique} distinct changes on {topic} within {limit:?}",
+                    ids.len()
+                )
+            })
+            .expect("consume");
+        let record = to_record(&message);
+        ids.insert(record.json()["id"].as_str().unwrap().to_owned());
+        records.push(record);
+    }
+    while let Ok(Ok(extra)) =
+        tokio::time::timeout(Duration::from_millis(1500), consumer.recv()).await
+    {
+        let record = to_record(&extra);
+        assert!(
+            !ids.insert(record.json()["id"].as_str().unwrap().to_owned()),
+            "an unexpected extra change on {topic}: {record:?}"
+        );
+        records.push(record);
+    }
+    records
+}
+
+/// The sum of the group's committed offsets over `partitions` partitions of `topic`.
+pub fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    (0..partitions)
+        .map(|p| committed_offset(brokers, group, topic, p).unwrap_or(0))
+        .sum()
 }

@@ -1,0 +1,347 @@
+//! The changelog writer: every customer whose state changed is written to the compacted
+//! changelog topic (keyed by customer id, in the partition numbered like its input
+//! partition), coalesced into one checkpoint per partition per commit interval.
+//!
+//! # Why checkpoints, and in what order
+//!
+//! A checkpoint is taken in the consume loop: the states of the partition's changed
+//! customers as they are at that instant, and the *positions* they include — for each
+//! input partition of the number, the last message read. Each state is written with
+//! those positions, so that after a restart a restored customer's events at or before
+//! them are recognised as applied and skipped.
+//!
+//! 1. A checkpoint is sent only once every output (changes, dead letters, idle timers'
+//!    changes) of the messages up to its positions is acknowledged. So a stored state
+//!    never includes an event whose changes could still be lost: skipping that event
+//!    after a restart loses nothing.
+//! 2. Input offsets are stored for commit only when a checkpoint's records are all
+//!    acknowledged, in checkpoint order, up to its positions. So a committed offset
+//!    never runs ahead of the stored states: nothing before it needs re-applying.
+//!
+//! A crash between the two re-reads messages that stored states already include (they
+//! are skipped, per customer) and messages whose customers' states were not stored (they
+//! are applied again, producing the same changes with the same ids).
+//!
+//! Each process writes, before its first state in a partition, the dictionary of its
+//! rules (segment ids and slot descriptions) under a key of its own, so that a restore
+//! under changed rules can translate the indexes states use.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
+use serde::Serialize;
+
+use super::Partitions;
+use super::delivery::Ticket;
+use super::offsets::{OffsetTracker, PartitionKey};
+use crate::engine::Engine;
+use crate::state::CustomerState;
+use crate::state::codec::{RulesDictionary, encode};
+
+/// The pseudo topic under which idle partitions' timer changes are tracked: they answer
+/// to no input message, but a checkpoint must wait for them too.
+pub const TIMER_TOPIC: &str = "(timer)";
+
+/// The key prefix of rules dictionaries in the changelog (customer ids never start with
+/// a NUL character: the parser refuses control characters in ids).
+pub const DICTIONARY_PREFIX: &str = "\u{0}rules:";
+
+/// What a state record holds; encodes exactly like [`crate::state::codec::Snapshot`],
+/// without copying the state.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    rules: u64,
+    positions: &'a [(Box<str>, i64)],
+    state: &'a CustomerState,
+}
+
+/// One partition's checkpoint.
+struct Checkpoint {
+    id: u64,
+    /// Input partitions (and the timer pseudo partition) with the last message included.
+    positions: Vec<(PartitionKey, i64)>,
+    /// Records to write, `(key, value)`; taken when sent.
+    records: Vec<(Box<str>, Vec<u8>)>,
+    sent: bool,
+    /// Records sent and not yet acknowledged.
+    outstanding: usize,
+}
+
+/// One partition number's checkpoints, oldest first.
+#[derive(Default)]
+struct PartitionLog {
+    checkpoints: VecDeque<Checkpoint>,
+    dictionary_written: bool,
+}
+
+/// Records ready to go to the changelog topic.
+pub struct Outgoing {
+    number: i32,
+    checkpoint: u64,
+    records: Vec<(Box<str>, Vec<u8>)>,
+}
+
+/// The changelog writer, shared by the consume loop (checkpoints, sends), the producer's
+/// delivery callback (acknowledgements) and the rebalance callback (final checkpoints of
+/// revoked partitions).
+pub struct Changelog {
+    topic: Arc<str>,
+    fingerprint: u64,
+    dictionary: (Box<str>, Vec<u8>),
+    logs: Mutex<HashMap<i32, PartitionLog>>,
+    settled: Condvar,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Changelog {
+    /// A writer to `topic` for states built with `engine`'s rules.
+    pub fn new(topic: &str, engine: &Engine) -> Arc<Self> {
+        let rules = engine.rules();
+        Arc::new(Changelog {
+            topic: topic.into(),
+            fingerprint: rules.fingerprint,
+            dictionary: (
+                dictionary_key(rules.fingerprint).into(),
+                encode(&RulesDictionary::of(rules)),
+            ),
+            logs: Mutex::default(),
+            settled: Condvar::new(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i32, PartitionLog>> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a checkpoint of the partitions `numbers` names: their changed customers'
+    /// states now, and the positions those states include (the last message read of
+    /// each of their input partitions; in event-time order, the last before the first
+    /// event still held). Called where no event is being applied (the consume loop, or
+    /// the rebalance callback, which blocks it).
+    pub fn checkpoint(
+        &self,
+        numbers: &[i32],
+        partitions: &Partitions,
+        tracker: &OffsetTracker,
+        engine: &Engine,
+    ) {
+        let mut partitions = partitions.lock().unwrap_or_else(|p| p.into_inner());
+        for &number in numbers {
+            let Some(time) = partitions.get_mut(&number) else {
+                continue;
+            };
+            let mut positions = tracker.registered(|key| key.1 == number);
+            for source in time.held() {
+                if let Some(position) = positions.iter_mut().find(|(k, _)| *k == source.partition) {
+                    position.1 = position.1.min(source.offset - 1);
+                }
+            }
+            // Nothing of an input partition applied yet: no position for it.
+            positions.retain(|(_, offset)| *offset >= 0);
+            let changed = time.take_changed();
+            if positions.is_empty() && changed.is_empty() {
+                continue;
+            }
+            let named: Vec<(Box<str>, i64)> = positions
+                .iter()
+                .filter(|(key, _)| *key.0 != *TIMER_TOPIC)
+                .map(|(key, offset)| ((*key.0).into(), *offset))
+                .collect();
+            let records = changed
+                .into_iter()
+                .filter_map(|id| {
+                    let state = engine.store().get(&id)?;
+                    let value = encode(&SnapshotRef {
+                        rules: self.fingerprint,
+                        positions: &named,
+                        state: &state,
+                    });
+                    drop(state);
+                    Some((id, value))
+                })
+                .collect();
+            let id = self
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.lock()
+                .entry(number)
+                .or_default()
+                .checkpoints
+                .push_back(Checkpoint {
+                    id,
+                    positions,
+                    records,
+                    sent: false,
+                    outstanding: 0,
+                });
+        }
+    }
+
+    /// The checkpoints whose messages' outputs are all acknowledged, in order per
+    /// partition, marked sent; and the input offsets now committable (checkpoints with
+    /// nothing to write complete at once).
+    pub fn ready(&self, tracker: &OffsetTracker) -> (Vec<Outgoing>, Vec<(PartitionKey, i64)>) {
+        let mut logs = self.lock();
+        let mut outgoing = Vec::new();
+        let mut committable = Vec::new();
+        for (&number, log) in logs.iter_mut() {
+            for checkpoint in log.checkpoints.iter_mut().filter(|c| !c.sent) {
+                let acknowledged = checkpoint
+                    .positions
+                    .iter()
+                    .all(|(key, offset)| tracker.completed_through(key, *offset));
+                if !acknowledged {
+                    // Later checkpoints include these messages too.
+                    break;
+                }
+                checkpoint.sent = true;
+                let mut records = std::mem::take(&mut checkpoint.records);
+                if !records.is_empty() && !log.dictionary_written {
+                    log.dictionary_written = true;
+                    records.insert(0, (self.dictionary.0.clone(), self.dictionary.1.clone()));
+                }
+                checkpoint.outstanding = records.len();
+                if !records.is_empty() {
+                    outgoing.push(Outgoing {
+                        number,
+                        checkpoint: checkpoint.id,
+                        records,
+                    });
+                }
+            }
+            committable.extend(settle(log));
+        }
+        if !committable.is_empty() {
+            self.settled.notify_all();
+        }
+        (outgoing, committable)
+    }
+
+    /// One record of checkpoint `id` of partition `number` was acknowledged. Returns the
+    /// input offsets now committable.
+    pub fn acknowledged(&self, number: i32, id: u64) -> Vec<(PartitionKey, i64)> {
+        let mut logs = self.lock();
+        let Some(log) = logs.get_mut(&number) else {
+            return Vec::new();
+        };
+        if let Some(checkpoint) = log.checkpoints.iter_mut().find(|c| c.id == id) {
+            checkpoint.outstanding = checkpoint.outstanding.saturating_sub(1);
+        }
+        let committable = settle(log);
+        if !committable.is_empty() || log.checkpoints.is_empty() {
+            self.settled.notify_all();
+        }
+        committable
+    }
+
+    /// Waits until the partitions `numbers` names have no checkpoint outstanding, at most
+    /// `timeout`. Returns whether they settled.
+    pub fn wait_settled(&self, numbers: &[i32], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut logs = self.lock();
+        loop {
+            let pending = numbers
+                .iter()
+                .any(|n| logs.get(n).is_some_and(|log| !log.checkpoints.is_empty()));
+            if !pending {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            logs = self
+                .settled
+                .wait_timeout(logs, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Forgets the partitions `which` selects (revoked): their unsent checkpoints are
+    /// dropped, and a later owner writes its own dictionary.
+    pub fn forget(&self, which: impl Fn(i32) -> bool) {
+        self.lock().retain(|&number, _| !which(number));
+        self.settled.notify_all();
+    }
+
+    /// A record of `outgoing` to hand to the producer.
+    pub fn record<'a>(
+        &'a self,
+        outgoing: &'a Outgoing,
+        index: usize,
+    ) -> BaseRecord<'a, [u8], [u8], Box<Ticket>> {
+        let (key, value) = &outgoing.records[index];
+        BaseRecord::with_opaque_to(
+            &self.topic,
+            Box::new(Ticket {
+                partition: (self.topic.clone(), outgoing.number),
+                offset: None,
+                dead_letter: None,
+                checkpoint: Some(outgoing.checkpoint),
+            }),
+        )
+        .partition(outgoing.number)
+        .key(key.as_bytes())
+        .payload(value.as_slice())
+    }
+}
+
+impl Outgoing {
+    /// How many records.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+}
+
+/// Pops the partition's settled checkpoints (sent, all acknowledged), oldest first, and
+/// returns the offsets they make committable.
+fn settle(log: &mut PartitionLog) -> Vec<(PartitionKey, i64)> {
+    let mut committable = Vec::new();
+    while log
+        .checkpoints
+        .front()
+        .is_some_and(|c| c.sent && c.outstanding == 0)
+    {
+        let checkpoint = log.checkpoints.pop_front().expect("checked above");
+        committable.extend(
+            checkpoint
+                .positions
+                .into_iter()
+                .filter(|(key, _)| *key.0 != *TIMER_TOPIC),
+        );
+    }
+    committable
+}
+
+/// The changelog key of the rules dictionary with `fingerprint`.
+pub fn dictionary_key(fingerprint: u64) -> String {
+    format!("{DICTIONARY_PREFIX}{fingerprint:016x}")
+}
+
+/// Hands a record to the producer from a thread that may block (the rebalance callback),
+/// waiting while the producer's queue is full.
+pub fn send_blocking<C: ProducerContext<DeliveryOpaque = Box<Ticket>>>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, [u8], [u8], Box<Ticket>>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((err, _)) => return Err(err),
+        }
+    }
+}

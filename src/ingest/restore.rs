@@ -1,0 +1,433 @@
+//! Restoring state when partitions are assigned: each assigned partition number's
+//! changelog partition is read from its beginning to its end on a thread of its own,
+//! while that number's input partitions stay paused and every other partition keeps
+//! flowing. Restored customers go straight into the store; their timers, and which of
+//! their events are already applied, go to the consume loop, which then resumes the
+//! partition. `/readyz` answers "ready" once every owned partition is restored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::changelog::DICTIONARY_PREFIX;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::state::codec::{RulesDictionary, Snapshot, Translation, Translator, decode};
+use crate::telemetry::Metrics;
+use crate::time::Millis;
+
+/// How long a metadata or offsets request of a restore may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the instance can serve: it has been assigned partitions, and none of them is
+/// still restoring.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    assigned: AtomicBool,
+    restoring: AtomicUsize,
+}
+
+impl Readiness {
+    /// `Ok` when ready, else why not.
+    pub fn status(&self) -> Result<(), &'static str> {
+        if !self.assigned.load(Ordering::Relaxed) {
+            Err("no partitions assigned yet")
+        } else if self.restoring.load(Ordering::Relaxed) > 0 {
+            Err("restoring state from the changelog")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Partitions were assigned.
+    pub fn assigned(&self) {
+        self.assigned.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Customers whose stored state already includes input messages the group has not
+/// committed: those messages are read again, and must not be applied twice.
+#[derive(Debug, Default)]
+pub struct AlreadyApplied {
+    /// Per customer, per input topic: the last offset its state includes.
+    customers: HashMap<Box<str>, Vec<(Box<str>, i64)>>,
+    /// Per input topic, the highest of those offsets: messages not yet read past it.
+    horizon: HashMap<Box<str>, i64>,
+}
+
+impl AlreadyApplied {
+    /// Whether `customer`'s state includes message `offset` of `topic`.
+    pub fn includes(&self, customer: &str, topic: &str, offset: i64) -> bool {
+        self.customers.get(customer).is_some_and(|positions| {
+            positions
+                .iter()
+                .any(|(t, position)| **t == *topic && offset <= *position)
+        })
+    }
+
+    /// Whether no customer is listed.
+    pub fn is_empty(&self) -> bool {
+        self.customers.is_empty()
+    }
+
+    /// Message `offset` of `topic` was read: returns `true` once every topic has been
+    /// read past every listed position, so the list is no longer needed.
+    pub fn read(&mut self, topic: &str, offset: i64) -> bool {
+        if self.horizon.get(topic).is_some_and(|&last| offset >= last) {
+            self.horizon.remove(topic);
+        }
+        self.horizon.is_empty()
+    }
+
+    /// Computes the horizon once every customer is listed.
+    fn seal(&mut self) {
+        for (topic, position) in self.customers.values().flatten() {
+            let last = self.horizon.entry(topic.clone()).or_insert(*position);
+            *last = (*last).max(*position);
+        }
+        self.customers.shrink_to_fit();
+    }
+}
+
+/// A partition's finished restore, for the consume loop.
+pub struct Restored {
+    /// The partition number.
+    pub number: i32,
+    generation: u64,
+    /// Restored customers' pending timers.
+    pub timers: Vec<(Box<str>, Millis)>,
+    /// Which re-read messages are already applied.
+    pub applied: AlreadyApplied,
+    /// How many customer states were read.
+    pub records: u64,
+}
+
+/// Where and how restores read.
+struct Settings {
+    client: ClientConfig,
+    topic: String,
+    input_topics: Vec<String>,
+}
+
+/// A restore in progress.
+struct Running {
+    generation: u64,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+/// Starts, cancels and completes restores; shared by the rebalance callback and the
+/// consume loop.
+pub struct Restorer {
+    settings: Arc<Settings>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    running: Mutex<HashMap<i32, Running>>,
+    done: UnboundedSender<Restored>,
+    generations: AtomicU64,
+}
+
+impl Restorer {
+    /// A restorer reading `config`'s changelog topic into `engine`, reporting finished
+    /// restores on `done`.
+    pub fn new(
+        config: &Config,
+        engine: Engine,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        done: UnboundedSender<Restored>,
+    ) -> Self {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .set("enable.partition.eof", "false");
+        for (key, value) in &config.kafka.consumer {
+            client.set(key, value);
+        }
+        // The group only to read its committed offsets: a restore never joins it.
+        client
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", "10");
+        Restorer {
+            settings: Arc::new(Settings {
+                client,
+                topic: config.kafka.changelog_topic.clone(),
+                input_topics: config.kafka.input_topics.clone(),
+            }),
+            engine,
+            metrics,
+            readiness,
+            running: Mutex::default(),
+            done,
+            generations: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i32, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts restoring partition `number` (whose input partitions the caller paused).
+    pub fn start(&self, number: i32) {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("restore-{number}"))
+            .spawn({
+                let (settings, engine, metrics, done, cancel) = (
+                    self.settings.clone(),
+                    self.engine.clone(),
+                    self.metrics.clone(),
+                    self.done.clone(),
+                    cancel.clone(),
+                );
+                move || {
+                    if let Some(mut restored) =
+                        restore_until_done(&settings, &engine, &metrics, number, &cancel)
+                    {
+                        restored.generation = generation;
+                        let _ = done.send(restored);
+                    }
+                }
+            })
+            .expect("a thread can be spawned");
+        let previous = self.lock().insert(
+            number,
+            Running {
+                generation,
+                cancel,
+                thread: Some(thread),
+                started: Instant::now(),
+            },
+        );
+        if previous.is_none() {
+            self.readiness.restoring.fetch_add(1, Ordering::Relaxed);
+            self.metrics.restoring.inc();
+        }
+        tracing::info!(partition = number, "Restoring state from the changelog.");
+    }
+
+    /// Whether partition `number` is being restored.
+    pub fn is_restoring(&self, number: i32) -> bool {
+        self.lock().contains_key(&number)
+    }
+
+    /// Stops restoring partition `number` (revoked), waiting for its thread to end.
+    pub fn cancel(&self, number: i32) {
+        let Some(mut running) = self.lock().remove(&number) else {
+            return;
+        };
+        running.cancel.store(true, Ordering::Relaxed);
+        if let Some(thread) = running.thread.take() {
+            let _ = thread.join();
+        }
+        self.ended(number);
+    }
+
+    /// Stops every restore (shutdown).
+    pub fn cancel_all(&self) {
+        let numbers: Vec<i32> = self.lock().keys().copied().collect();
+        for number in numbers {
+            self.cancel(number);
+        }
+    }
+
+    /// Takes in a finished restore. Returns `false` when it is stale (the partition was
+    /// revoked, or assigned again, meanwhile) and must be ignored.
+    pub fn finish(&self, restored: &Restored) -> bool {
+        let mut running = self.lock();
+        let current = running
+            .get(&restored.number)
+            .is_some_and(|r| r.generation == restored.generation);
+        if !current {
+            return false;
+        }
+        let entry = running.remove(&restored.number).expect("checked above");
+        drop(running);
+        let seconds = entry.started.elapsed().as_secs_f64();
+        self.metrics.restore_seconds.observe(seconds);
+        tracing::info!(
+            partition = restored.number,
+            records = restored.records,
+            seconds,
+            "Restored state from the changelog."
+        );
+        self.ended(restored.number);
+        true
+    }
+
+    fn ended(&self, number: i32) {
+        self.readiness.restoring.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.restoring.dec();
+        let _ = self
+            .metrics
+            .restore_remaining
+            .remove_label_values(&[&number.to_string()]);
+    }
+
+    /// The input partitions of `number`, for pausing and resuming.
+    pub fn inputs_of(&self, number: i32) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for topic in &self.settings.input_topics {
+            list.add_partition(topic, number);
+        }
+        list
+    }
+}
+
+/// Restores partition `number`, retrying after errors (a broker restarting) until it
+/// succeeds or is cancelled (`None`).
+fn restore_until_done(
+    settings: &Settings,
+    engine: &Engine,
+    metrics: &Metrics,
+    number: i32,
+    cancel: &AtomicBool,
+) -> Option<Restored> {
+    loop {
+        match restore(settings, engine, metrics, number, cancel) {
+            Ok(restored) => return restored,
+            Err(err) => {
+                tracing::warn!(error = %err, partition = number, "Restore failed; retrying.");
+                for _ in 0..10 {
+                    if cancel.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+/// Reads changelog partition `number` from its beginning to its end into the store.
+fn restore(
+    settings: &Settings,
+    engine: &Engine,
+    metrics: &Metrics,
+    number: i32,
+    cancel: &AtomicBool,
+) -> Result<Option<Restored>, KafkaError> {
+    let consumer: BaseConsumer = settings.client.create()?;
+    let committed = committed_offsets(&consumer, &settings.input_topics, number)?;
+    let (low, high) = consumer.fetch_watermarks(&settings.topic, number, REQUEST_TIMEOUT)?;
+    let mut restored = Restored {
+        number,
+        generation: 0,
+        timers: Vec::new(),
+        applied: AlreadyApplied::default(),
+        records: 0,
+    };
+    if high <= low {
+        return Ok(Some(restored));
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(&settings.topic, number, Offset::Offset(low))?;
+    consumer.assign(&assignment)?;
+    let mut translator = Translator::new(engine.rules());
+    let mut timers: HashMap<Box<str>, Millis> = HashMap::new();
+    let remaining = metrics
+        .restore_remaining
+        .with_label_values(&[&number.to_string()]);
+    let mut next = low;
+    while next < high {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        next = message.offset() + 1;
+        if next % 4096 == 0 {
+            remaining.set(high - next);
+        }
+        let (Some(key), Some(value)) = (message.key(), message.payload()) else {
+            continue;
+        };
+        let Ok(key) = std::str::from_utf8(key) else {
+            tracing::warn!(
+                offset = message.offset(),
+                "Changelog record with a key that is not UTF-8; skipped."
+            );
+            continue;
+        };
+        if key.starts_with(DICTIONARY_PREFIX) {
+            match decode::<RulesDictionary>(value) {
+                Ok(dictionary) => translator.learn(&dictionary),
+                Err(err) => {
+                    tracing::warn!(error = %err, key, "Unreadable rules dictionary; states written under those rules lose their segments.")
+                }
+            }
+            continue;
+        }
+        let snapshot = match decode::<Snapshot>(value) {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                tracing::warn!(error = %err, customer = key, offset = message.offset(), "Unreadable changelog record; the customer's previous state is kept.");
+                continue;
+            }
+        };
+        let Snapshot {
+            rules,
+            positions,
+            mut state,
+        } = snapshot;
+        let translated = translator.translate(rules, &mut state) != Translation::Same;
+        state.partition = number;
+        let applied_ahead = positions.iter().any(|(topic, position)| {
+            committed
+                .get(&**topic)
+                .is_none_or(|&next_to_read| *position >= next_to_read)
+        });
+        if applied_ahead {
+            restored.applied.customers.insert(key.into(), positions);
+        } else {
+            restored.applied.customers.remove(key);
+        }
+        restored.records += 1;
+        match engine.restore(key.into(), state, translated) {
+            Some(deadline) => timers.insert(key.into(), deadline),
+            None => timers.remove(key),
+        };
+    }
+    remaining.set(0);
+    restored.applied.seal();
+    metrics.restored_customers.inc_by(restored.records);
+    restored.timers = timers.into_iter().collect();
+    Ok(Some(restored))
+}
+
+/// The group's committed offset (the next message to read) of each input partition of
+/// `number` that has one.
+fn committed_offsets(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    number: i32,
+) -> Result<BTreeMap<String, i64>, KafkaError> {
+    let mut list = TopicPartitionList::new();
+    for topic in topics {
+        list.add_partition(topic, number);
+    }
+    let committed = consumer.committed_offsets(list, REQUEST_TIMEOUT)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(next) => Some((e.topic().to_owned(), next)),
+            _ => None,
+        })
+        .collect())
+}

@@ -1,0 +1,359 @@
+//! The changelog's binary encoding of a customer's state, and of the rules it refers to.
+//!
+//! A customer record is one version byte ([`FORMAT_VERSION`]) followed by a compact
+//! serde encoding (postcard: varints, no field names) of [`Snapshot`]: the fingerprint
+//! of the rules the state was built with, the input positions it includes, and the
+//! state itself. State refers to segments and rule slots by index, which only means
+//! something under the same rules; so each set of rules is written once as a
+//! [`RulesDictionary`] (its segment ids and slot descriptions, in index order), and a
+//! state written under other rules is translated on restore: memberships by segment id,
+//! slots by description, anything the current rules no longer have dropped.
+//!
+//! Decoding never panics: truncated, corrupt or future-version bytes are an error.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::CustomerState;
+use super::slots::SlotState;
+use crate::rules::RuleSet;
+
+/// The first byte of every record; bumped whenever the encoding changes incompatibly.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Why a changelog record could not be read.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    /// The record is empty.
+    #[error("empty record")]
+    Empty,
+    /// Written by a newer (or unknown) encoding.
+    #[error("unknown format version {0} (this build reads version {FORMAT_VERSION})")]
+    Version(u8),
+    /// The bytes after the version do not decode.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// A customer's state as the changelog holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// [`RuleSet::fingerprint`] of the rules `state` was built with.
+    pub rules: u64,
+    /// For each input topic, the offset of the last message of the customer's partition
+    /// the state includes: after a restart, the customer's events at or before it are
+    /// already applied and are skipped.
+    pub positions: Vec<(Box<str>, i64)>,
+    /// The state.
+    pub state: CustomerState,
+}
+
+/// What the indexes in states written under one set of rules mean.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RulesDictionary {
+    /// The rules' fingerprint.
+    pub rules: u64,
+    /// Segment ids in index order.
+    pub segments: Vec<Box<str>>,
+    /// Slot descriptions in index order.
+    pub slots: Vec<Box<str>>,
+}
+
+impl RulesDictionary {
+    /// The dictionary of `rules`.
+    pub fn of(rules: &RuleSet) -> Self {
+        RulesDictionary {
+            rules: rules.fingerprint,
+            segments: rules.segments.iter().map(|s| (*s.id).into()).collect(),
+            slots: rules
+                .slots
+                .iter()
+                .map(|s| s.describe.as_str().into())
+                .collect(),
+        }
+    }
+}
+
+/// Encodes `value` behind the version byte.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = vec![FORMAT_VERSION];
+    // Writing to a growable vector fails only on a serde error, and the types encoded
+    // here (plain structs, vectors, strings, numbers) have none.
+    postcard::to_io(value, &mut bytes).expect("state types always serialize");
+    bytes
+}
+
+/// Decodes a record written by [`encode`].
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    postcard::from_bytes(body).map_err(|err| DecodeError::Corrupt(err.to_string()))
+}
+
+/// Translates states written under other rules to the current ones.
+pub struct Translator {
+    current: RulesDictionary,
+    /// Index maps from each known older rules' indexes to the current ones.
+    known: HashMap<u64, IndexMap>,
+}
+
+/// For one older set of rules: each old segment's and slot's current index, if any.
+struct IndexMap {
+    segments: Vec<Option<u16>>,
+    slots: Vec<Option<u16>>,
+}
+
+/// What became of a restored state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// Written under the current rules: taken as it is.
+    Same,
+    /// Written under other, known rules: memberships and slots moved to the current
+    /// indexes; those the current rules lack dropped.
+    Translated,
+    /// Written under rules whose dictionary was never seen: built-in facts kept,
+    /// memberships and slots dropped.
+    Unknown,
+}
+
+impl Translator {
+    /// A translator to `rules`.
+    pub fn new(rules: &RuleSet) -> Self {
+        Translator {
+            current: RulesDictionary::of(rules),
+            known: HashMap::new(),
+        }
+    }
+
+    /// Learns what an older set of rules' indexes mean.
+    pub fn learn(&mut self, dictionary: &RulesDictionary) {
+        let position = |list: &[Box<str>], name: &str| {
+            list.iter()
+                .position(|n| **n == *name)
+                .and_then(|i| u16::try_from(i).ok())
+        };
+        let map = IndexMap {
+            segments: dictionary
+                .segments
+                .iter()
+                .map(|id| position(&self.current.segments, id))
+                .collect(),
+            slots: dictionary
+                .slots
+                .iter()
+                .map(|d| position(&self.current.slots, d))
+                .collect(),
+        };
+        self.known.insert(dictionary.rules, map);
+    }
+
+    /// Makes `state`, written under the rules with fingerprint `rules`, refer to the
+    /// current rules.
+    pub fn translate(&self, rules: u64, state: &mut CustomerState) -> Translation {
+        if rules == self.current.rules {
+            return Translation::Same;
+        }
+        let Some(map) = self.known.get(&rules) else {
+            state.segments.clear();
+            state.slots.clear();
+            // Rules that no longer exist set it: the next event computes a new one.
+            state.timer = None;
+            return Translation::Unknown;
+        };
+        state.segments.retain_mut(|m| {
+            match map.segments.get(usize::from(m.segment)).copied().flatten() {
+                Some(index) => {
+                    m.segment = index;
+                    true
+                }
+                None => false,
+            }
+        });
+        let mut slots = vec![SlotState::Empty; self.current.slots.len()];
+        for (old, slot) in std::mem::take(&mut state.slots).into_iter().enumerate() {
+            if let Some(index) = map.slots.get(old).copied().flatten() {
+                slots[usize::from(index)] = slot;
+            }
+        }
+        state.slots = slots;
+        state.timer = None;
+        Translation::Translated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::Engine;
+    use crate::event::parse_event;
+    use crate::generate::{Format, Generator, GeneratorConfig};
+    use crate::rules::SegmentDef;
+    use crate::state::new_store;
+    use std::sync::Arc;
+
+    fn rules_from(defs: &[(&str, &str)]) -> RuleSet {
+        let defs: Vec<SegmentDef> = defs
+            .iter()
+            .map(|(id, enter)| SegmentDef::new(id, enter))
+            .collect();
+        RuleSet::compile(&defs).expect("rules compile")
+    }
+
+    fn reference_rules() -> RuleSet {
+        let text = std::fs::read_to_string("config/segmentd.toml").expect("shipped config");
+        let config = Config::from_toml_only(&text, "config/segmentd.toml").expect("parses");
+        config.rule_set().expect("rules compile")
+    }
+
+    /// Every customer of generated traffic, under the reference rules.
+    fn generated_states(rules: RuleSet) -> Vec<(Box<str>, CustomerState)> {
+        let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
+        let mut generator = Generator::new(GeneratorConfig {
+            customers: 300,
+            seed: 11,
+            format: Format::Mixed,
+            invalid_share: 0.0,
+        });
+        let mut out = Vec::new();
+        for i in 0..20_000 {
+            let message = generator.next_at(1_767_225_600_000 + i * 1_000);
+            if let Ok(event) = parse_event(&message.payload, 1 << 20) {
+                engine.apply(&event, &mut out);
+            }
+        }
+        engine
+            .store()
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
+    #[test]
+    fn every_generated_customer_round_trips_exactly() {
+        let rules = reference_rules();
+        let fingerprint = rules.fingerprint;
+        let states = generated_states(rules);
+        assert!(states.len() > 200);
+        for (id, state) in states {
+            let snapshot = Snapshot {
+                rules: fingerprint,
+                positions: vec![("clickstream".into(), 41), ("purchases".into(), -1)],
+                state,
+            };
+            let bytes = encode(&snapshot);
+            assert_eq!(bytes[0], FORMAT_VERSION);
+            let back: Snapshot = decode(&bytes).unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert_eq!(back, snapshot, "{id}");
+        }
+    }
+
+    #[test]
+    fn the_encoding_is_compact() {
+        let states = generated_states(reference_rules());
+        let total: usize = states
+            .iter()
+            .map(|(_, state)| {
+                encode(&Snapshot {
+                    rules: 1,
+                    positions: vec![],
+                    state: state.clone(),
+                })
+                .len()
+            })
+            .sum();
+        let json: usize = states
+            .iter()
+            .map(|(_, s)| serde_json::to_vec(s).expect("json").len())
+            .sum();
+        // Far smaller than the same states as JSON.
+        assert!(total * 2 < json, "binary {total} bytes vs JSON {json}");
+    }
+
+    #[test]
+    fn truncated_corrupt_and_future_records_are_errors_not_panics() {
+        let states = generated_states(reference_rules());
+        let bytes = encode(&Snapshot {
+            rules: 7,
+            positions: vec![("t".into(), 3)],
+            state: states[0].1.clone(),
+        });
+        assert_eq!(decode::<Snapshot>(&[]), Err(DecodeError::Empty));
+        let mut future = bytes.clone();
+        future[0] = FORMAT_VERSION + 1;
+        assert!(matches!(
+            decode::<Snapshot>(&future),
+            Err(DecodeError::Version(v)) if v == FORMAT_VERSION + 1
+        ));
+        for cut in 1..bytes.len() {
+            assert!(decode::<Snapshot>(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        // Arbitrary bytes after a valid version byte: an error or some state, never a panic.
+        let mut noise = bytes.clone();
+        for (i, byte) in noise.iter_mut().enumerate().skip(1) {
+            *byte = byte.wrapping_mul(31).wrapping_add(i as u8);
+        }
+        let _ = decode::<Snapshot>(&noise);
+    }
+
+    #[test]
+    fn a_state_from_older_rules_keeps_what_the_current_rules_still_have() {
+        let old = rules_from(&[
+            ("buyer", "count(purchase, 30d) >= 1"),
+            ("browser", "count(page_view, 1d) >= 1"),
+        ]);
+        let new = rules_from(&[
+            ("browser", "count(page_view, 1d) >= 1"),
+            ("fan", "count(add_to_cart, 1d) >= 3"),
+        ]);
+        let mut state = CustomerState::default();
+        state.segments = vec![
+            crate::state::customer::Membership {
+                segment: 0,
+                entered_at: 5,
+            },
+            crate::state::customer::Membership {
+                segment: 1,
+                entered_at: 6,
+            },
+        ];
+        state.slots = vec![SlotState::Instant(10), SlotState::Instant(20)];
+        state.timer = Some(99);
+        let mut translator = Translator::new(&new);
+        let mut unknown = state.clone();
+        assert_eq!(
+            translator.translate(old.fingerprint, &mut unknown),
+            Translation::Unknown
+        );
+        assert!(unknown.segments.is_empty() && unknown.slots.is_empty());
+
+        translator.learn(&RulesDictionary::of(&old));
+        assert_eq!(
+            translator.translate(old.fingerprint, &mut state),
+            Translation::Translated
+        );
+        // "browser" was index 1 and is now 0; "buyer" is gone.
+        assert_eq!(state.segments.len(), 1);
+        assert_eq!(
+            (state.segments[0].segment, state.segments[0].entered_at),
+            (0, 6)
+        );
+        let browser_slot = new
+            .slots
+            .iter()
+            .position(|s| s.describe.contains("page_view"))
+            .expect("page_view slot");
+        assert_eq!(state.slots.len(), new.slots.len());
+        assert_eq!(state.slots[browser_slot], SlotState::Instant(20));
+        assert_eq!(state.timer, None);
+
+        let mut same = CustomerState::default();
+        assert_eq!(
+            translator.translate(new.fingerprint, &mut same),
+            Translation::Same
+        );
+    }
+}
