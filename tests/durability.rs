@@ -34,7 +34,10 @@ async fn state_moves_with_its_partition_and_survives_a_restart() {
     let brokers = mock.bootstrap_servers();
     let mut config = test_config(&brokers, INPUT, GROUP);
     // Short session timeouts: the embedded broker waits that long for members to rejoin.
-    for (key, value) in [("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "500")] {
+    for (key, value) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ] {
         config.kafka.consumer.insert(key.into(), value.into());
     }
     let messages = generated_messages(8, 80, 3_000);

@@ -7,113 +7,14 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::tansu::{Guard, create_topics, free_port, start_tansu};
 use common::{DEAD, INPUT, OUTPUT, check_committed, http_get, script_round_trip, wait_for};
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 
 const BIN: &str = env!("CARGO_BIN_EXE_segmentd");
 const GROUP: &str = "segmentd-system-test";
-
-/// A child process killed when the test ends, however it ends.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANSU_BINARY") {
-        return PathBuf::from(path);
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join("tansu"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    let in_cargo =
-        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin/tansu"));
-    on_path
-        .into_iter()
-        .chain(in_cargo)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "the system test needs the Tansu broker: run ./scripts/test.sh, or \
-             `cargo install tansu --version 0.6.0 --features dynostore --locked`"
-            )
-        })
-}
-
-/// Starts Tansu on a free loopback port and waits until it answers metadata requests.
-async fn start_tansu(log: &std::path::Path) -> (Guard, String) {
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let log_file = std::fs::File::create(log).unwrap();
-    let child = Command::new(tansu_binary())
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file)
-        .spawn()
-        .expect("tansu starts");
-    let guard = Guard(child);
-    let brokers = format!("127.0.0.1:{port}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    wait_for(
-        "the Tansu broker to answer",
-        Duration::from_secs(30),
-        async || {
-            admin
-                .inner()
-                .fetch_metadata(None, Duration::from_millis(500))
-                .ok()
-                .map(|_| ())
-        },
-    )
-    .await;
-    let topics = [
-        NewTopic::new(INPUT, 2, TopicReplication::Fixed(1)),
-        NewTopic::new(OUTPUT, 2, TopicReplication::Fixed(1)),
-        NewTopic::new(DEAD, 1, TopicReplication::Fixed(1)),
-    ];
-    for result in admin
-        .create_topics(&topics, &AdminOptions::new())
-        .await
-        .expect("create topics")
-    {
-        result.unwrap_or_else(|(topic, err)| panic!("cannot create {topic}: {err:?}"));
-    }
-    (guard, brokers)
-}
 
 /// Proves the product end to end as users run it: the real binary, configured by the
 /// reference file plus environment overrides, against a standalone broker, turns the
@@ -125,6 +26,7 @@ async fn the_binary_against_a_standalone_broker() {
     let dir = std::env::temp_dir().join(format!("segmentd-system-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (_tansu, brokers) = start_tansu(&dir.join("tansu.log")).await;
+    create_topics(&brokers, &[(INPUT, 2), (OUTPUT, 2), (DEAD, 1)]).await;
 
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let service_log = dir.join("segmentd.log");

@@ -41,6 +41,9 @@ use crate::engine::Engine;
 use crate::state::CustomerState;
 use crate::state::codec::{RulesDictionary, encode};
 
+/// How long a checkpoint may wait for its messages' outputs before it is reported.
+const STALLED: Duration = Duration::from_secs(10);
+
 /// The pseudo topic under which idle partitions' timer changes are tracked: they answer
 /// to no input message, but a checkpoint must wait for them too.
 pub const TIMER_TOPIC: &str = "(timer)";
@@ -68,6 +71,9 @@ struct Checkpoint {
     sent: bool,
     /// Records sent and not yet acknowledged.
     outstanding: usize,
+    /// When it was taken: one waiting far longer than a commit interval is reported.
+    taken: Instant,
+    reported: bool,
 }
 
 /// One partition number's checkpoints, oldest first.
@@ -182,6 +188,8 @@ impl Changelog {
                     records,
                     sent: false,
                     outstanding: 0,
+                    taken: Instant::now(),
+                    reported: false,
                 });
         }
     }
@@ -200,6 +208,22 @@ impl Changelog {
                     .iter()
                     .all(|(key, offset)| tracker.completed_through(key, *offset));
                 if !acknowledged {
+                    if !checkpoint.reported && checkpoint.taken.elapsed() > STALLED {
+                        checkpoint.reported = true;
+                        let waits: Vec<String> = checkpoint
+                            .positions
+                            .iter()
+                            .map(|(key, offset)| {
+                                format!(
+                                    "{}/{} to {offset}: {}",
+                                    key.0,
+                                    key.1,
+                                    tracker.progress(key)
+                                )
+                            })
+                            .collect();
+                        tracing::warn!(partition = number, waits = ?waits, "A changelog checkpoint has waited long for its messages' output to be acknowledged.");
+                    }
                     // Later checkpoints include these messages too.
                     break;
                 }

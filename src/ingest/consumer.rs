@@ -143,7 +143,9 @@ impl IngestContext {
         }
         let mut committable = drained;
         if let Some(durable) = &self.durable {
-            committable &= self.final_checkpoint(consumer, durable, numbers);
+            // Not after a failed drain: the states would include events whose changes
+            // may be lost, and a restore would skip those events.
+            committable = committable && self.final_checkpoint(consumer, durable, numbers);
             durable.changelog.forget(|number| numbers.contains(&number));
         }
         if committable {
@@ -234,7 +236,27 @@ impl ConsumerContext for IngestContext {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
-        let (list, numbers) = self.co_partitioned(assignment);
+        let (mut list, mut numbers) = self.co_partitioned(assignment);
+        if cooperative && err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            // A partition assigned again while still owned (some brokers repeat an
+            // assignment) keeps its state and position: neither assigned nor restored anew.
+            let owned = consumer.assignment().unwrap_or_default();
+            let owned_number = |n: i32| owned.elements().iter().any(|p| p.partition() == n);
+            if numbers.iter().any(|&n| owned_number(n)) {
+                tracing::info!(partitions = ?numbers, "Some assigned partitions are already owned; keeping them as they are.");
+                numbers.retain(|&n| !owned_number(n));
+                let mut fresh = TopicPartitionList::new();
+                for element in list.elements() {
+                    if owned
+                        .find_partition(element.topic(), element.partition())
+                        .is_none()
+                    {
+                        fresh.add_partition(element.topic(), element.partition());
+                    }
+                }
+                list = fresh;
+            }
+        }
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let result = if cooperative {

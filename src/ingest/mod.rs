@@ -26,7 +26,7 @@ mod changelog;
 mod consumer;
 mod delivery;
 pub mod offsets;
-mod restore;
+pub mod restore;
 pub mod topics;
 
 use std::collections::BTreeMap;
@@ -673,6 +673,16 @@ impl Pipeline {
         let topic_name = input.map_or_else(|| Arc::from(topic), |t| t.name.clone());
         let partition: PartitionKey = (topic_name, message.partition());
         let offset = message.offset();
+        if self.tracker.already_read(&partition, offset) {
+            tracing::debug!(
+                topic,
+                partition = partition.1,
+                offset,
+                "Message read again without a rebalance; already applied."
+            );
+            self.metrics.events_duplicate.inc();
+            return Ok(());
+        }
         let payload = message.payload().unwrap_or_default();
         let ticket = |dead_letter| {
             Box::new(Ticket {

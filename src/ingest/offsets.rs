@@ -197,7 +197,17 @@ impl OffsetTracker {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                for (_, state) in partitions.iter_mut().filter(|(key, _)| which(key)) {
+                for (key, state) in partitions.iter_mut().filter(|(key, _)| which(key)) {
+                    if let Some(first) = state.in_flight.front() {
+                        tracing::warn!(
+                            topic = %key.0,
+                            partition = key.1,
+                            offset = first.offset,
+                            outstanding = first.outstanding,
+                            messages = state.in_flight.len(),
+                            "Abandoning messages whose output was not acknowledged."
+                        );
+                    }
                     state.in_flight.clear();
                     state.registered = state.completed;
                 }
@@ -219,6 +229,30 @@ impl OffsetTracker {
             .filter(|(key, _)| which(key))
             .filter_map(|(key, state)| state.registered.map(|offset| (key.clone(), offset)))
             .collect()
+    }
+
+    /// Whether message `offset` of `partition` was registered before (the consumer went
+    /// back: a broker's group hiccup, a repeated assignment): its event is applied
+    /// already, and must not be again.
+    pub fn already_read(&self, partition: &PartitionKey, offset: i64) -> bool {
+        self.lock()
+            .get(partition)
+            .is_some_and(|state| state.registered >= Some(offset))
+    }
+
+    /// A partition's progress, for diagnostics: the last message registered, the last
+    /// completed in order, and the oldest in flight with its outstanding records.
+    pub fn progress(&self, partition: &PartitionKey) -> String {
+        match self.lock().get(partition) {
+            None => "not tracked".into(),
+            Some(state) => format!(
+                "registered {:?}, completed {:?}, oldest in flight {:?} of {}",
+                state.registered,
+                state.completed,
+                state.in_flight.front().map(|m| (m.offset, m.outstanding)),
+                state.in_flight.len()
+            ),
+        }
     }
 
     /// Whether message `offset` of `partition`, and every earlier one, has all its

@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -23,6 +25,10 @@ use crate::engine::Engine;
 use crate::state::codec::{RulesDictionary, Snapshot, Translation, Translator, decode};
 use crate::telemetry::Metrics;
 use crate::time::Millis;
+
+/// The maps a restore fills per customer: hashed fast (their keys are not hostile: they
+/// come from our own changelog).
+type FastHash = foldhash::fast::RandomState;
 
 /// How long a metadata or offsets request of a restore may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,6 +119,8 @@ pub struct Restored {
 /// Where and how restores read.
 struct Settings {
     client: ClientConfig,
+    /// For the end marker each restore writes.
+    producer: ClientConfig,
     topic: String,
     input_topics: Vec<String>,
 }
@@ -160,9 +168,16 @@ impl Restorer {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("fetch.wait.max.ms", "10");
+        let mut producer = ClientConfig::new();
+        producer.set("bootstrap.servers", &config.kafka.brokers);
+        for (key, value) in &config.kafka.producer {
+            producer.set(key, value);
+        }
+        producer.set("acks", "all").set("linger.ms", "0");
         Restorer {
             settings: Arc::new(Settings {
                 client,
+                producer,
                 topic: config.kafka.changelog_topic.clone(),
                 input_topics: config.kafka.input_topics.clone(),
             }),
@@ -322,22 +337,14 @@ fn restore(
 ) -> Result<Option<Restored>, KafkaError> {
     let consumer: BaseConsumer = settings.client.create()?;
     let committed = committed_offsets(&consumer, &settings.input_topics, number)?;
-    let (low, high) = consumer.fetch_watermarks(&settings.topic, number, REQUEST_TIMEOUT)?;
-    let mut restored = Restored {
-        number,
-        generation: 0,
-        timers: Vec::new(),
-        applied: AlreadyApplied::default(),
-        records: 0,
-    };
-    if high <= low {
-        return Ok(Some(restored));
-    }
+    let (low, _) = consumer.fetch_watermarks(&settings.topic, number, REQUEST_TIMEOUT)?;
+    // The end is the marker written now, not the broker's high watermark: a broker may
+    // report that behind records it has acknowledged (Tansu 0.6 does, by a batch).
+    let high = write_end_marker(settings, number)?;
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(&settings.topic, number, Offset::Offset(low))?;
     consumer.assign(&assignment)?;
-    let mut translator = Translator::new(engine.rules());
-    let mut timers: HashMap<Box<str>, Millis> = HashMap::new();
+    let mut loader = Loader::new(engine, number, committed);
     let remaining = metrics
         .restore_remaining
         .with_label_values(&[&number.to_string()]);
@@ -354,60 +361,181 @@ fn restore(
         if next % 4096 == 0 {
             remaining.set(high - next);
         }
-        let (Some(key), Some(value)) = (message.key(), message.payload()) else {
-            continue;
-        };
+        if let (Some(key), Some(value)) = (message.key(), message.payload()) {
+            loader.load(key, value, message.offset());
+        }
+    }
+    remaining.set(0);
+    let restored = loader.finish();
+    metrics.restored_customers.inc_by(restored.records);
+    Ok(Some(restored))
+}
+
+/// Loads changelog records of one partition into the store: the pure part of a restore
+/// (no broker), so it can be measured alone.
+pub struct Loader<'a> {
+    engine: &'a Engine,
+    number: i32,
+    /// The group's committed offset per input topic: states including messages at or
+    /// after it are listed in [`AlreadyApplied`].
+    committed: BTreeMap<String, i64>,
+    translator: Translator,
+    timers: HashMap<Box<str>, Millis, FastHash>,
+    /// Per customer, how far its kept state got: the sum of its input positions (every
+    /// position only grows along a partition's history).
+    progress_of: HashMap<Box<str>, i64, FastHash>,
+    restored: Restored,
+}
+
+impl<'a> Loader<'a> {
+    /// A loader into `engine`'s store for partition `number`, given the group's
+    /// committed offsets of its input partitions.
+    pub fn new(engine: &'a Engine, number: i32, committed: BTreeMap<String, i64>) -> Self {
+        Loader {
+            engine,
+            number,
+            committed,
+            translator: Translator::new(engine.rules()),
+            timers: HashMap::default(),
+            progress_of: HashMap::default(),
+            restored: Restored {
+                number,
+                // Stamped by the restorer.
+                generation: 0,
+                timers: Vec::new(),
+                applied: AlreadyApplied::default(),
+                records: 0,
+            },
+        }
+    }
+
+    /// Takes one record (at `offset`, for log lines): a customer's state, a rules
+    /// dictionary, or an end marker. Unreadable records are logged and skipped.
+    pub fn load(&mut self, key: &[u8], value: &[u8], offset: i64) {
         let Ok(key) = std::str::from_utf8(key) else {
             tracing::warn!(
-                offset = message.offset(),
+                offset,
                 "Changelog record with a key that is not UTF-8; skipped."
             );
-            continue;
+            return;
         };
+        if key == END_MARKER_KEY {
+            return;
+        }
         if key.starts_with(DICTIONARY_PREFIX) {
             match decode::<RulesDictionary>(value) {
-                Ok(dictionary) => translator.learn(&dictionary),
+                Ok(dictionary) => self.translator.learn(&dictionary),
                 Err(err) => {
                     tracing::warn!(error = %err, key, "Unreadable rules dictionary; states written under those rules lose their segments.")
                 }
             }
-            continue;
+            return;
         }
-        let snapshot = match decode::<Snapshot>(value) {
-            Ok(snapshot) => snapshot,
-            Err(err) => {
-                tracing::warn!(error = %err, customer = key, offset = message.offset(), "Unreadable changelog record; the customer's previous state is kept.");
-                continue;
-            }
-        };
         let Snapshot {
             rules,
             positions,
             mut state,
-        } = snapshot;
-        let translated = translator.translate(rules, &mut state) != Translation::Same;
-        state.partition = number;
+        } = match decode::<Snapshot>(value) {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                tracing::warn!(error = %err, customer = key, offset, "Unreadable changelog record; the customer's previous state is kept.");
+                return;
+            }
+        };
+        // The most advanced state wins, not the last written: an instance that lost its
+        // partition without noticing (a broker's group hiccup) may still have written an
+        // older one after its successor's newer ones.
+        let progress: i64 = positions.iter().map(|(_, position)| *position).sum();
+        match self.progress_of.get_mut(key) {
+            Some(kept) if *kept > progress => return,
+            Some(kept) => *kept = progress,
+            None => {
+                self.progress_of.insert(key.into(), progress);
+            }
+        }
+        let translated = self.translator.translate(rules, &mut state) != Translation::Same;
+        state.partition = self.number;
+        let committed = &self.committed;
         let applied_ahead = positions.iter().any(|(topic, position)| {
             committed
                 .get(&**topic)
                 .is_none_or(|&next_to_read| *position >= next_to_read)
         });
+        let applied = &mut self.restored.applied.customers;
         if applied_ahead {
-            restored.applied.customers.insert(key.into(), positions);
+            applied.insert(key.into(), positions);
         } else {
-            restored.applied.customers.remove(key);
+            applied.remove(key);
         }
-        restored.records += 1;
-        match engine.restore(key.into(), state, translated) {
-            Some(deadline) => timers.insert(key.into(), deadline),
-            None => timers.remove(key),
+        self.restored.records += 1;
+        match self.engine.restore(key.into(), state, translated) {
+            Some(deadline) => self.timers.insert(key.into(), deadline),
+            None => self.timers.remove(key),
         };
     }
-    remaining.set(0);
-    restored.applied.seal();
-    metrics.restored_customers.inc_by(restored.records);
-    restored.timers = timers.into_iter().collect();
-    Ok(Some(restored))
+
+    /// The restore's result, once every record is loaded.
+    pub fn finish(mut self) -> Restored {
+        self.restored.applied.seal();
+        self.restored.timers = self.timers.into_iter().collect();
+        self.restored
+    }
+}
+
+/// The key of restores' end markers: one key, so compaction keeps one marker.
+const END_MARKER_KEY: &str = "\u{0}restore";
+
+/// Remembers the offset of the marker record once the broker acknowledges it.
+#[derive(Default)]
+struct MarkerDelivery(Mutex<Option<KafkaResult<i64>>>);
+
+impl ClientContext for MarkerDelivery {}
+
+impl ProducerContext for MarkerDelivery {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let outcome = match result {
+            Ok(message) => Ok(message.offset()),
+            Err((err, _)) => Err(err.clone()),
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+    }
+}
+
+/// Writes an end marker to changelog partition `number` and returns the offset to read
+/// up to (one past it): every state acknowledged before is before it.
+fn write_end_marker(settings: &Settings, number: i32) -> Result<i64, KafkaError> {
+    let producer: BaseProducer<MarkerDelivery> = settings
+        .producer
+        .create_with_context(MarkerDelivery::default())?;
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        Millis::from(crate::time::WallClock::system().now())
+    );
+    producer
+        .send(
+            BaseRecord::to(&settings.topic)
+                .partition(number)
+                .key(END_MARKER_KEY)
+                .payload(&nonce),
+        )
+        .map_err(|(err, _)| err)?;
+    producer.flush(REQUEST_TIMEOUT)?;
+    let outcome = producer
+        .context()
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    match outcome {
+        Some(Ok(offset)) => Ok(offset + 1),
+        Some(Err(err)) => Err(err),
+        None => Err(KafkaError::Flush(
+            rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+        )),
+    }
 }
 
 /// The group's committed offset (the next message to read) of each input partition of

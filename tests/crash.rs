@@ -1,0 +1,461 @@
+//! Crash test: several instances of the real binary in one consumer group against a
+//! standalone broker (Tansu), killed with SIGKILL at random moments and restarted, scaled
+//! up and down, while a long stream of generated traffic flows. The changes they publish,
+//! deduplicated by `id`, must equal one uninterrupted replay's exactly, per customer.
+//!
+//! The moments are drawn from a seed printed at the start (set `CRASH_SEED` to repeat a
+//! run).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::tansu::{Guard, create_topics, free_port, start_tansu};
+use common::{
+    DEAD, INPUT, OUTPUT, TRAFFIC_START, changes_by_customer, committed_total, generated_messages,
+    http_get, read_unique_changes, replay_changes, wait_for,
+};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use segmentd::config::Config;
+use segmentd::time::DAY;
+
+const BIN: &str = env!("CARGO_BIN_EXE_segmentd");
+const GROUP: &str = "segmentd-crash-test";
+const PARTITIONS: i32 = 6;
+const MESSAGES: i64 = 24_000;
+const CHUNK: usize = 1_000;
+
+/// One running instance of the binary.
+struct Instance {
+    guard: Guard,
+    http: SocketAddr,
+    log: PathBuf,
+}
+
+impl Instance {
+    /// Starts instance `name` with `config` plus its static group membership
+    /// (`group.instance.id` = `name`): restarted, it takes its dead predecessor's place in
+    /// the group at once instead of waiting for the session to time out.
+    fn start(config: &Path, dir: &Path, name: &str) -> Instance {
+        let own_config = dir.join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(config).unwrap().replace(
+            "[kafka.consumer]\n",
+            &format!("[kafka.consumer]\n\"group.instance.id\" = \"{name}\"\n"),
+        );
+        std::fs::write(&own_config, text).unwrap();
+        let config = own_config.as_path();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(config)
+            .env("SEGMENTD_HTTP__LISTEN", http.to_string())
+            .env("RUST_LOG", "info")
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("segmentd starts");
+        Instance {
+            guard: Guard(child),
+            http,
+            log,
+        }
+    }
+
+    /// SIGKILL: no drain, no commit, no goodbye to the group.
+    fn kill(mut self) {
+        let _ = self.guard.0.kill();
+        let _ = self.guard.0.wait();
+    }
+
+    /// SIGTERM, and the graceful exit it must cause.
+    async fn terminate(mut self) {
+        let pid = self.guard.0.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        let status = wait_for("an instance to exit", Duration::from_secs(60), async || {
+            self.guard.0.try_wait().unwrap()
+        })
+        .await;
+        assert!(
+            status.success(),
+            "exit status {status}:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+}
+
+/// SplitMix64, for the moments of the faults.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
+}
+
+/// Proves SPEC §5's "nothing lost" for a crashing instance: one instance owns six
+/// partitions; while 24,000 generated events (both formats, some malformed) are
+/// produced, it is killed with SIGKILL at three random moments and restarted after a
+/// random pause. Each customer's sequence of changes on the output topic, deduplicated by
+/// `id`, equals one uninterrupted replay of the same events exactly — segment,
+/// transition, `at`, `seq`, `id` — none missing, none invented: state restored from the
+/// changelog, re-read events already in it skipped, the others applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_restarts_where_it_left_off() {
+    crash_run(1, &["kill"]).await;
+}
+
+/// The same with three instances in one group, a fourth joining and leaving mid-stream.
+/// Ignored: Tansu 0.6's group coordinator gives a partition to two members at once under
+/// cooperative-sticky rebalancing (and loses one under `range`), which this test shows;
+/// run it by hand against a broker with a faithful group protocol
+/// (`cargo test --test crash -- --ignored`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Tansu 0.6 assigns one partition to two group members at once"]
+async fn killed_and_rescaled_instances_publish_what_one_uninterrupted_replay_does() {
+    crash_run(3, &["kill", "scale-up", "scale-down"]).await;
+}
+
+/// Runs `base` instances through the fault `kinds` while the traffic flows, then compares
+/// the output with one uninterrupted replay.
+async fn crash_run(base: usize, kinds: &[&str]) {
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+    let dir = std::env::temp_dir().join(format!("segmentd-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_tansu, brokers) = start_tansu(&dir.join("tansu.log")).await;
+    create_topics(
+        &brokers,
+        &[(INPUT, PARTITIONS), (OUTPUT, PARTITIONS), (DEAD, 1)],
+    )
+    .await;
+    let config_path = dir.join("segmentd.toml");
+    std::fs::write(&config_path, config_text(&brokers)).unwrap();
+    let config = Config::load(&config_path).expect("the test config loads");
+
+    // The traffic, then one late event per partition that moves every partition's
+    // watermark past every pending timer (the wall clock never does: idle_timeout is huge).
+    let mut messages = generated_messages(21, 400, MESSAGES);
+    let sentinels: Vec<(i32, Vec<u8>)> = (0..PARTITIONS)
+        .map(|p| {
+            let json = format!(
+                r#"{{"event_id":"end-{p}","type":"page_view","customer_id":"end-{p}","ts":{}}}"#,
+                TRAFFIC_START + MESSAGES * 20_000 + 200 * DAY
+            );
+            (p, json.into_bytes())
+        })
+        .collect();
+    let replay_input: Vec<_> = {
+        let mut all = messages.clone();
+        all.extend(
+            sentinels
+                .iter()
+                .map(|(p, payload)| segmentd::generate::Generated {
+                    key: format!("end-{p}"),
+                    payload: payload.clone(),
+                    ts: 0,
+                }),
+        );
+        all
+    };
+    let end = TRAFFIC_START + MESSAGES * 20_000 + 200 * DAY;
+    let (expected, _) = replay_changes(
+        &config,
+        &replay_input,
+        end - config.time.allowed_lateness.millis(),
+    );
+    let total: usize = expected.values().map(Vec::len).sum();
+
+    let mut instances: Vec<Option<Instance>> = (0..base)
+        .map(|i| Some(Instance::start(&config_path, &dir, &format!("i{i}"))))
+        .collect();
+    for instance in instances.iter().flatten() {
+        let http = instance.http;
+        wait_for(
+            "an instance to be ready",
+            Duration::from_secs(90),
+            async || (http_get(http, "/readyz").await.0 == 200).then_some(()),
+        )
+        .await;
+    }
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let chunks = messages.len().div_ceil(CHUNK);
+    // The faults, each after a random chunk: kill -9 and restart (three times), scale
+    // up to four, scale back down.
+    let mut faults: Vec<(usize, &str)> = vec![
+        (1 + rng.below(6) as usize, "kill"),
+        (7 + rng.below(4) as usize, "scale-up"),
+        (11 + rng.below(4) as usize, "kill"),
+        (15 + rng.below(3) as usize, "scale-down"),
+        (18 + rng.below(4) as usize, "kill"),
+    ];
+    faults.retain(|(_, kind)| kinds.contains(kind));
+    // `CRASH_FAULTS=kill,scale-up` keeps only those kinds (to narrow a failure down).
+    if let Ok(kinds) = std::env::var("CRASH_FAULTS") {
+        faults.retain(|(_, kind)| kinds.split(',').any(|k| k == *kind));
+    }
+    faults.sort();
+    let mut events = Vec::new();
+    for (index, chunk) in messages.chunks_mut(CHUNK).enumerate() {
+        let deliveries: Vec<_> = chunk
+            .iter()
+            .map(|m| {
+                producer
+                    .send_result(FutureRecord::to(INPUT).key(&m.key).payload(&m.payload))
+                    .map_err(|(err, _)| err)
+                    .expect("enqueued")
+            })
+            .collect();
+        for delivery in deliveries {
+            delivery.await.expect("delivered").expect("acknowledged");
+        }
+        for (_, fault) in faults.iter().filter(|(at, _)| *at == index) {
+            // Let the instances get into the chunk, then strike mid-stream.
+            let pause = 50 + rng.below(400);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            match *fault {
+                "kill" => {
+                    let victim = rng.below(base as u64) as usize;
+                    instances[victim].take().expect("running").kill();
+                    events.push(format!("chunk {index}: kill -9 i{victim}"));
+                    let down = rng.below(3_000);
+                    tokio::time::sleep(Duration::from_millis(down)).await;
+                    let restarted = Instance::start(&config_path, &dir, &format!("i{victim}"));
+                    // Back in the group and restored before the next fault: Tansu 0.6 can
+                    // lose track of a group whose members die one after another mid-join.
+                    let http = restarted.http;
+                    wait_for(
+                        "the restarted instance",
+                        Duration::from_secs(90),
+                        async || (http_get(http, "/readyz").await.0 == 200).then_some(()),
+                    )
+                    .await;
+                    instances[victim] = Some(restarted);
+                    events.push(format!("restarted i{victim} after {down} ms"));
+                }
+                "scale-up" => {
+                    instances.push(Some(Instance::start(&config_path, &dir, "i3")));
+                    events.push(format!("chunk {index}: scaled up to four"));
+                }
+                _ => {
+                    if let Some(extra) = instances.pop().flatten() {
+                        extra.terminate().await;
+                    }
+                    events.push(format!("chunk {index}: scaled down to three (SIGTERM)"));
+                }
+            }
+        }
+        assert!(index < chunks);
+    }
+    for (partition, payload) in &sentinels {
+        producer
+            .send(
+                FutureRecord::to(INPUT)
+                    .partition(*partition)
+                    .key(&format!("end-{partition}"))
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("sentinel produced");
+    }
+    println!("faults: {events:?}");
+
+    let produced = MESSAGES + i64::from(PARTITIONS);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while committed_total(&brokers, GROUP, INPUT, PARTITIONS) != produced {
+        if tokio::time::Instant::now() > deadline {
+            let mut report = String::new();
+            for p in 0..PARTITIONS {
+                report += &format!(
+                    "\npartition {p}: committed {:?} of {:?}",
+                    common::committed_offset(&brokers, GROUP, INPUT, p),
+                    common::watermarks(&brokers, INPUT, p)
+                );
+            }
+            for instance in instances.iter().flatten() {
+                let (_, metrics) = http_get(instance.http, "/metrics").await;
+                report += &format!("\n{}:", instance.log.display());
+                for line in metrics.lines().filter(|l| {
+                    !l.starts_with('#')
+                        && (l.contains("changelog")
+                            || l.contains("restoring")
+                            || l.contains("queue")
+                            || l.contains("rebalances")
+                            || l.contains("lag")
+                            || l.contains("watermark"))
+                }) {
+                    report += &format!("\n  {line}");
+                }
+            }
+            panic!("CRASH_SEED={seed}, faults {events:?}: not every event was committed:{report}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = read_unique_changes(&brokers, OUTPUT, total, Duration::from_secs(30)).await;
+    let actual = changes_by_customer(&records);
+    let mismatched: Vec<&String> = expected
+        .keys()
+        .chain(actual.keys())
+        .filter(|c| expected.get(*c) != actual.get(*c))
+        .collect();
+    if let Some(customer) = mismatched.first() {
+        dump_changelog(&brokers, customer);
+    }
+    assert!(
+        mismatched.is_empty(),
+        "CRASH_SEED={seed}, faults {events:?}: {} customers differ: {}",
+        mismatched.len(),
+        mismatched
+            .iter()
+            .take(5)
+            .map(|c| format!(
+                "\n{c}: expected {:#?}\ngot {:#?}",
+                expected.get(*c),
+                actual.get(*c)
+            ))
+            .collect::<String>()
+    );
+    println!(
+        "{} changes ({} records with repeats) over {} customers equal the replay's",
+        total,
+        records.len(),
+        expected.len()
+    );
+    for instance in instances.into_iter().flatten() {
+        instance.terminate().await;
+    }
+}
+
+/// The reference config, pointed at `brokers`, with short group timeouts (a killed
+/// member is noticed within seconds) and event time alone moving watermarks.
+fn config_text(brokers: &str) -> String {
+    let reference = std::fs::read_to_string("config/segmentd.toml").unwrap();
+    let mut text = String::new();
+    for line in reference.lines() {
+        let line = match line.split('=').next().map(str::trim) {
+            Some("brokers") => format!("brokers = \"{brokers}\""),
+            Some("group_id") => format!("group_id = \"{GROUP}\""),
+            Some("input_topics") => format!("input_topics = [\"{INPUT}\"]"),
+            Some("commit_interval") => "commit_interval = \"200ms\"".to_owned(),
+            Some("idle_timeout") => "idle_timeout = \"100000d\"".to_owned(),
+            _ => line.to_owned(),
+        };
+        text.push_str(&line);
+        text.push('\n');
+        if line == "[kafka.consumer]" {
+            text.push_str(
+                "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+            );
+            if let Ok(strategy) = std::env::var("CRASH_ASSIGNMENT") {
+                text.push_str(&format!(
+                    "\"partition.assignment.strategy\" = \"{strategy}\"\n"
+                ));
+            }
+        }
+    }
+    text
+}
+
+/// Prints what the topics hold for `customer` (its changelog states with their
+/// positions, its output `seq`s with their offsets) and the committed offsets: what a
+/// failure needs to be understood.
+fn dump_changelog(brokers: &str, customer: &str) {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dump")
+        .create()
+        .unwrap();
+    for p in 0..PARTITIONS {
+        let (lo, hi) = c
+            .fetch_watermarks("segmentd-changelog", p, Duration::from_secs(5))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset("segmentd-changelog", p, rdkafka::Offset::Offset(lo))
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut next = lo;
+        while next < hi {
+            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            next = m.offset() + 1;
+            if m.key() == Some(customer.as_bytes()) {
+                let snap: segmentd::state::codec::Snapshot =
+                    segmentd::state::codec::decode(m.payload().unwrap()).unwrap();
+                println!(
+                    "changelog p{p}@{}: positions {:?} seq {} events {} clock {}",
+                    m.offset(),
+                    snap.positions,
+                    snap.state.seq,
+                    snap.state.customer.events,
+                    snap.state.clock
+                );
+            }
+        }
+    }
+    for p in 0..PARTITIONS {
+        println!(
+            "committed p{p}: {:?}",
+            common::committed_offset(brokers, GROUP, INPUT, p)
+        );
+    }
+    for p in 0..PARTITIONS {
+        let (lo, hi) = c
+            .fetch_watermarks(OUTPUT, p, Duration::from_secs(5))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(OUTPUT, p, rdkafka::Offset::Offset(lo))
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut next = lo;
+        let mut seqs = Vec::new();
+        while next < hi {
+            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            next = m.offset() + 1;
+            if m.key() == Some(customer.as_bytes()) {
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                seqs.push((m.offset(), v["seq"].as_u64().unwrap()));
+            }
+        }
+        if !seqs.is_empty() {
+            println!("output p{p} ({lo},{hi}): {seqs:?}");
+        }
+    }
+}
