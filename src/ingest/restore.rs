@@ -380,10 +380,9 @@ pub struct Loader<'a> {
     /// after it are listed in [`AlreadyApplied`].
     committed: BTreeMap<String, i64>,
     translator: Translator,
-    timers: HashMap<Box<str>, Millis, FastHash>,
-    /// Per customer, how far its kept state got: the sum of its input positions (every
-    /// position only grows along a partition's history).
-    progress_of: HashMap<Box<str>, i64, FastHash>,
+    /// Per customer: how far its kept state got (the sum of its input positions; every
+    /// position only grows along a partition's history), and its pending timer.
+    kept: HashMap<Box<str>, (i64, Option<Millis>), FastHash>,
     restored: Restored,
 }
 
@@ -396,8 +395,7 @@ impl<'a> Loader<'a> {
             number,
             committed,
             translator: Translator::new(engine.rules()),
-            timers: HashMap::default(),
-            progress_of: HashMap::default(),
+            kept: HashMap::default(),
             restored: Restored {
                 number,
                 // Stamped by the restorer.
@@ -446,13 +444,12 @@ impl<'a> Loader<'a> {
         // partition without noticing (a broker's group hiccup) may still have written an
         // older one after its successor's newer ones.
         let progress: i64 = positions.iter().map(|(_, position)| *position).sum();
-        match self.progress_of.get_mut(key) {
-            Some(kept) if *kept > progress => return,
-            Some(kept) => *kept = progress,
-            None => {
-                self.progress_of.insert(key.into(), progress);
-            }
-        }
+        let kept = match self.kept.get_mut(key) {
+            Some(kept) if kept.0 > progress => return,
+            Some(kept) => kept,
+            None => self.kept.entry(key.into()).or_insert((progress, None)),
+        };
+        kept.0 = progress;
         let translated = self.translator.translate(rules, &mut state) != Translation::Same;
         state.partition = self.number;
         let committed = &self.committed;
@@ -467,17 +464,18 @@ impl<'a> Loader<'a> {
         } else {
             applied.remove(key);
         }
+        kept.1 = self.engine.restore(key.into(), state, translated);
         self.restored.records += 1;
-        match self.engine.restore(key.into(), state, translated) {
-            Some(deadline) => self.timers.insert(key.into(), deadline),
-            None => self.timers.remove(key),
-        };
     }
 
     /// The restore's result, once every record is loaded.
     pub fn finish(mut self) -> Restored {
         self.restored.applied.seal();
-        self.restored.timers = self.timers.into_iter().collect();
+        self.restored.timers = self
+            .kept
+            .into_iter()
+            .filter_map(|(customer, (_, timer))| Some((customer, timer?)))
+            .collect();
         self.restored
     }
 }
@@ -512,7 +510,7 @@ fn write_end_marker(settings: &Settings, number: i32) -> Result<i64, KafkaError>
     let nonce = format!(
         "{}-{}",
         std::process::id(),
-        Millis::from(crate::time::WallClock::system().now())
+        crate::time::WallClock::system().now()
     );
     producer
         .send(

@@ -163,10 +163,8 @@ async fn create_changelog(
     partitions: i32,
 ) -> Result<(), TopicError> {
     let topic = &config.kafka.changelog_topic;
-    let replication = match config.kafka.changelog_replication {
-        -1 => TopicReplication::Fixed(-1),
-        n => TopicReplication::Fixed(n),
-    };
+    // -1 asks the brokers for their default.
+    let replication = TopicReplication::Fixed(config.kafka.changelog_replication);
     let new = NewTopic::new(topic, partitions, replication)
         .set("cleanup.policy", "compact")
         // Compact promptly: a restore reads every record not yet compacted away.
