@@ -39,6 +39,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// `segmentd_rebalances_total`: partition assignments and revocations.
     pub rebalances: IntCounter,
+    /// `segmentd_assigned_partitions`: input partition numbers this instance owns now.
+    pub assigned_partitions: IntGauge,
     /// `segmentd_producer_queue`: records waiting in the producer for acknowledgement.
     pub producer_queue: IntGauge,
     /// `segmentd_dead_letters_total{reason}`: dead-letter records acknowledged.
@@ -129,6 +131,10 @@ impl Metrics {
             rebalances: counter(
                 "segmentd_rebalances_total",
                 "Consumer-group rebalances (assignments and revocations).",
+            ),
+            assigned_partitions: gauge(
+                "segmentd_assigned_partitions",
+                "Input partition numbers this instance owns now (after the last rebalance).",
             ),
             producer_queue: gauge(
                 "segmentd_producer_queue",

@@ -110,6 +110,7 @@ impl IngestContext {
                 return;
             }
         };
+        self.count_assigned(consumer);
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         partitions.retain(|number, _| {
             let keep = assigned.contains(number);
@@ -121,6 +122,19 @@ impl IngestContext {
             }
             keep
         });
+    }
+
+    /// Sets `segmentd_assigned_partitions` from the consumer's assignment.
+    fn count_assigned(&self, consumer: &BaseConsumer<Self>) {
+        if let Ok(list) = consumer.assignment() {
+            let lead = self.inputs.first();
+            let owned = list
+                .elements()
+                .iter()
+                .filter(|p| lead.is_some_and(|t| t == p.topic()))
+                .count();
+            self.metrics.assigned_partitions.set(owned as i64);
+        }
     }
 
     /// Before partitions go: stop their restores, wait until their in-flight records
@@ -269,6 +283,7 @@ impl ConsumerContext for IngestContext {
                     return;
                 }
                 self.metrics.rebalances.inc();
+                self.count_assigned(consumer);
                 self.readiness.assigned();
                 if let Some(durable) = &self.durable {
                     for &number in &numbers {

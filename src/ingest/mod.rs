@@ -146,6 +146,16 @@ pub async fn run(
     let consumer = Arc::new(consumer::create_consumer(&config, context)?);
     let changelog = consumer.context().durable().map(|d| d.changelog.clone());
     let restorer = consumer.context().durable().map(|d| d.restorer.clone());
+    if let Some(restorer) = &restorer {
+        // Through the group consumer, from the restore threads (a blocking request, kept
+        // out of the rebalance callback); weak, so the consumer can still be dropped.
+        let group = Arc::downgrade(&consumer);
+        let inputs = config.kafka.input_topics.clone();
+        restorer.read_committed_with(Arc::new(move |number| match group.upgrade() {
+            Some(consumer) => restore::committed_offsets(consumer.as_ref(), &inputs, number),
+            None => Err(KafkaError::Canceled),
+        }));
+    }
     let failure = Arc::new(DeliveryFailure::default());
     let acknowledger = Acknowledger {
         tracker: tracker.clone(),

@@ -143,7 +143,12 @@ pub struct Restorer {
     running: Mutex<HashMap<i32, Running>>,
     done: UnboundedSender<Restored>,
     generations: AtomicU64,
+    committed: std::sync::OnceLock<CommittedReader>,
 }
+
+/// Reads the group's committed offsets of a partition number's input partitions.
+pub type CommittedReader =
+    Arc<dyn Fn(i32) -> Result<BTreeMap<String, i64>, KafkaError> + Send + Sync>;
 
 impl Restorer {
     /// A restorer reading `config`'s changelog topic into `engine`, reporting finished
@@ -162,9 +167,12 @@ impl Restorer {
         for (key, value) in &config.kafka.consumer {
             client.set(key, value);
         }
-        // The group only to read its committed offsets: a restore never joins it.
+        // Restores read by assignment and never touch the service's group (a broker may
+        // take a consumer with its id, closing, for a member leaving): librdkafka wants a
+        // group id to assign, so they get one of their own, never joined or committed.
         client
-            .set("group.id", &config.kafka.group_id)
+            .remove("group.instance.id")
+            .set("group.id", format!("{}.restore", config.kafka.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("fetch.wait.max.ms", "10");
@@ -187,11 +195,18 @@ impl Restorer {
             running: Mutex::default(),
             done,
             generations: AtomicU64::new(1),
+            committed: std::sync::OnceLock::new(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<i32, Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the restorer how to read the group's committed offsets of a partition
+    /// number's input partitions (through the group consumer, created after it).
+    pub fn read_committed_with(&self, read: CommittedReader) {
+        let _ = self.committed.set(read);
     }
 
     /// Starts restoring partition `number` (whose input partitions the caller paused).
@@ -201,6 +216,7 @@ impl Restorer {
         let thread = std::thread::Builder::new()
             .name(format!("restore-{number}"))
             .spawn({
+                let committed = self.committed.get().cloned();
                 let (settings, engine, metrics, done, cancel) = (
                     self.settings.clone(),
                     self.engine.clone(),
@@ -210,7 +226,7 @@ impl Restorer {
                 );
                 move || {
                     if let Some(mut restored) =
-                        restore_until_done(&settings, &engine, &metrics, number, &cancel)
+                        restore_until_done(&settings, &engine, &metrics, number, committed, &cancel)
                     {
                         restored.generation = generation;
                         let _ = done.send(restored);
@@ -309,10 +325,20 @@ fn restore_until_done(
     engine: &Engine,
     metrics: &Metrics,
     number: i32,
+    committed: Option<CommittedReader>,
     cancel: &AtomicBool,
 ) -> Option<Restored> {
     loop {
-        match restore(settings, engine, metrics, number, cancel) {
+        // Without them every restored customer's positions are checked (safe, larger).
+        let offsets = match committed.as_ref().map(|read| read(number)) {
+            Some(Ok(offsets)) => offsets,
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, partition = number, "Cannot read the committed offsets; checking every restored customer's positions.");
+                BTreeMap::new()
+            }
+            None => BTreeMap::new(),
+        };
+        match restore(settings, engine, metrics, number, offsets, cancel) {
             Ok(restored) => return restored,
             Err(err) => {
                 tracing::warn!(error = %err, partition = number, "Restore failed; retrying.");
@@ -333,10 +359,10 @@ fn restore(
     engine: &Engine,
     metrics: &Metrics,
     number: i32,
+    committed: BTreeMap<String, i64>,
     cancel: &AtomicBool,
 ) -> Result<Option<Restored>, KafkaError> {
     let consumer: BaseConsumer = settings.client.create()?;
-    let committed = committed_offsets(&consumer, &settings.input_topics, number)?;
     let (low, _) = consumer.fetch_watermarks(&settings.topic, number, REQUEST_TIMEOUT)?;
     // The end is the marker written now, not the broker's high watermark: a broker may
     // report that behind records it has acknowledged (Tansu 0.6 does, by a batch).
@@ -538,8 +564,8 @@ fn write_end_marker(settings: &Settings, number: i32) -> Result<i64, KafkaError>
 
 /// The group's committed offset (the next message to read) of each input partition of
 /// `number` that has one.
-fn committed_offsets(
-    consumer: &BaseConsumer,
+pub fn committed_offsets<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
     topics: &[String],
     number: i32,
 ) -> Result<BTreeMap<String, i64>, KafkaError> {
