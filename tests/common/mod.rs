@@ -234,18 +234,11 @@ impl Record {
 /// How many reads the test process has made: each reads in its own group.
 static READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Reads exactly `count` records from `topic` (from the start), failing after `limit`,
-/// then checks for a short while that no further record arrives.
-pub async fn read_records(
-    brokers: &str,
-    topic: &str,
-    count: usize,
-    limit: Duration,
-) -> Vec<Record> {
+/// A consumer reading `topic` from its start in a group of its own: a test may read a
+/// topic again, and a second member of one group would wait for the first to time out.
+fn reader(brokers: &str, topic: &str) -> StreamConsumer {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        // A fresh group per read: a test may read a topic again, and a second member of one
-        // group would wait for the first to time out.
         .set(
             "group.id",
             format!(
@@ -260,6 +253,18 @@ pub async fn read_records(
         .create()
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
+    consumer
+}
+
+/// Reads exactly `count` records from `topic` (from the start), failing after `limit`,
+/// then checks for a short while that no further record arrives.
+pub async fn read_records(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    limit: Duration,
+) -> Vec<Record> {
+    let consumer = reader(brokers, topic);
     let mut records = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     while records.len() < count {
@@ -626,22 +631,7 @@ pub async fn read_unique_changes(
     unique: usize,
     limit: Duration,
 ) -> Vec<Record> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!(
-                "reader-{topic}-{}-{}",
-                std::process::id(),
-                READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
+    let consumer = reader(brokers, topic);
     let mut records = Vec::new();
     let mut ids = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + limit;
