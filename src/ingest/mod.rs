@@ -554,6 +554,14 @@ impl Pipeline {
         }
     }
 
+    /// The shared name of input topic `topic` (as tickets and the tracker hold it).
+    fn topic_name(&self, topic: &str) -> Arc<str> {
+        self.topics
+            .iter()
+            .find(|t| *t.name == *topic)
+            .map_or_else(|| Arc::from(topic), |t| t.name.clone())
+    }
+
     /// Whether partition `number` is being restored (its events must wait).
     fn is_restoring(&self, number: i32) -> bool {
         self.restorer
@@ -586,6 +594,23 @@ impl Pipeline {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(number, restored.applied);
+        }
+        for (topic, offset) in &restored.resume_at {
+            let seek = self.consumer.seek(
+                topic,
+                number,
+                rdkafka::Offset::Offset(*offset),
+                Duration::from_secs(5),
+            );
+            match seek {
+                Ok(()) => {
+                    let key: PartitionKey = (self.topic_name(topic), number);
+                    self.tracker.start_at(&key, *offset);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, topic, partition = number, "Cannot move a restored partition to the offset its restore used.");
+                }
+            }
         }
         if let Err(err) = self.consumer.resume(&restorer.inputs_of(number)) {
             tracing::error!(error = %err, partition = number, "Cannot resume a restored partition.");
@@ -679,9 +704,7 @@ impl Pipeline {
     ) -> Result<(), KafkaError> {
         let received = Instant::now();
         let topic = message.topic();
-        let input = self.topics.iter().find(|t| *t.name == *topic);
-        let topic_name = input.map_or_else(|| Arc::from(topic), |t| t.name.clone());
-        let partition: PartitionKey = (topic_name, message.partition());
+        let partition: PartitionKey = (self.topic_name(topic), message.partition());
         let offset = message.offset();
         if self.tracker.already_read(&partition, offset) {
             tracing::debug!(

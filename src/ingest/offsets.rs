@@ -231,6 +231,21 @@ impl OffsetTracker {
             .collect()
     }
 
+    /// Starts tracking `partition` at message `next` (a restored partition resuming
+    /// there): earlier messages count as read and completed, so one delivered before the
+    /// partition moved is recognised as [already read](Self::already_read).
+    pub fn start_at(&self, partition: &PartitionKey, next: i64) {
+        if next <= 0 {
+            return;
+        }
+        let mut partitions = self.lock();
+        let state = partitions.entry(partition.clone()).or_default();
+        if state.registered.is_none() && state.in_flight.is_empty() {
+            state.registered = Some(next - 1);
+            state.completed = Some(next - 1);
+        }
+    }
+
     /// Whether message `offset` of `partition` was registered before (the consumer went
     /// back: a broker's group hiccup, a repeated assignment): its event is applied
     /// already, and must not be again.

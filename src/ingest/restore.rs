@@ -114,6 +114,10 @@ pub struct Restored {
     pub applied: AlreadyApplied,
     /// How many customer states were read.
     pub records: u64,
+    /// The committed offsets `applied` was computed against: the partition's input must
+    /// resume exactly there (a commit landing between the assignment and the restore —
+    /// a killed predecessor's last one — would otherwise make them disagree).
+    pub resume_at: BTreeMap<String, i64>,
 }
 
 /// Where and how restores read.
@@ -370,7 +374,7 @@ fn restore(
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(&settings.topic, number, Offset::Offset(low))?;
     consumer.assign(&assignment)?;
-    let mut loader = Loader::new(engine, number, committed);
+    let mut loader = Loader::new(engine, number, committed.clone());
     let remaining = metrics
         .restore_remaining
         .with_label_values(&[&number.to_string()]);
@@ -392,7 +396,8 @@ fn restore(
         }
     }
     remaining.set(0);
-    let restored = loader.finish();
+    let mut restored = loader.finish();
+    restored.resume_at = committed;
     metrics.restored_customers.inc_by(restored.records);
     Ok(Some(restored))
 }
@@ -429,6 +434,7 @@ impl<'a> Loader<'a> {
                 timers: Vec::new(),
                 applied: AlreadyApplied::default(),
                 records: 0,
+                resume_at: BTreeMap::new(),
             },
         }
     }
