@@ -81,6 +81,9 @@ struct Checkpoint {
 struct PartitionLog {
     checkpoints: VecDeque<Checkpoint>,
     dictionary_written: bool,
+    /// The positions of the last checkpoint taken: an idle partition (same positions, no
+    /// customer changed) takes none.
+    last_positions: Vec<(PartitionKey, i64)>,
 }
 
 /// Records ready to go to the changelog topic.
@@ -153,9 +156,17 @@ impl Changelog {
             }
             // Nothing of an input partition applied yet: no position for it.
             positions.retain(|(_, offset)| *offset >= 0);
+            positions.sort_unstable();
             let changed = time.take_changed();
-            if positions.is_empty() && changed.is_empty() {
-                continue;
+            if changed.is_empty() {
+                let mut logs = self.lock();
+                let log = logs.entry(number).or_default();
+                if positions == log.last_positions {
+                    continue;
+                }
+                log.last_positions = positions.clone();
+            } else {
+                self.lock().entry(number).or_default().last_positions = positions.clone();
             }
             let named: Vec<(Box<str>, i64)> = positions
                 .iter()
