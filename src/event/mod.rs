@@ -8,13 +8,16 @@
 //! Bad input is a value, not a panic: [`InvalidEvent`] carries a [`InvalidReason`] (a
 //! bounded label for metrics and dead-letter headers) and a precise human message.
 
+pub mod json;
 pub mod native;
 pub mod segment_spec;
 
 use std::hash::{BuildHasher, Hasher};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use self::json::{Json, Object};
 
 use crate::time::{self, Millis};
 
@@ -95,14 +98,15 @@ pub enum PropValue {
 }
 
 impl PropValue {
-    /// Converts a JSON value; `None` for arrays and objects, which rules cannot address.
-    pub fn from_json(value: &Value) -> Option<PropValue> {
+    /// Converts a parsed JSON value; `None` for arrays and objects, which rules cannot
+    /// address.
+    pub fn from_json(value: &Json<'_>) -> Option<PropValue> {
         Some(match value {
-            Value::Null => PropValue::Null,
-            Value::Bool(b) => PropValue::Bool(*b),
-            Value::Number(n) => PropValue::Num(n.as_f64()?),
-            Value::String(s) => PropValue::Str(s.as_str().into()),
-            Value::Array(_) | Value::Object(_) => return None,
+            Json::Null => PropValue::Null,
+            Json::Bool(b) => PropValue::Bool(*b),
+            Json::Num(n) => PropValue::Num(n.as_f64()),
+            Json::Str(s) => PropValue::Str((&**s).into()),
+            Json::Array(_) | Json::Object(_) => return None,
         })
     }
 
@@ -233,12 +237,12 @@ pub fn parse_event(payload: &[u8], max_bytes: usize) -> Result<Event, InvalidEve
             ),
         ));
     }
-    let value: Value = serde_json::from_slice(payload)
+    let value = Json::parse(payload)
         .map_err(|err| InvalidEvent::new(InvalidReason::InvalidJson, err.to_string()))?;
-    let Value::Object(object) = value else {
+    let Json::Object(object) = value else {
         return Err(InvalidEvent::new(
             InvalidReason::NotAnObject,
-            format!("expected a JSON object, got {}", json_kind(&value)),
+            format!("expected a JSON object, got {}", value.kind()),
         ));
     };
     let mut event = if segment_spec::looks_like(&object) {
@@ -260,56 +264,44 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
     hasher.finish().max(1)
 }
 
-/// Describes a JSON value's kind for error messages ("a number", "an array", …).
-pub(crate) fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// Reads an optional string field; present with another type is [`InvalidReason::WrongType`].
-pub(crate) fn opt_str<'a>(
-    object: &'a Map<String, Value>,
+pub(crate) fn opt_str<'b>(
+    object: &'b Object<'_>,
     key: &str,
-) -> Result<Option<&'a str>, InvalidEvent> {
+) -> Result<Option<&'b str>, InvalidEvent> {
     match object.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Str(s)) => Ok(Some(s)),
         Some(other) => Err(wrong_type(key, "a string", other)),
     }
 }
 
 /// Reads an optional number field; present with another type is [`InvalidReason::WrongType`].
-pub(crate) fn opt_num(object: &Map<String, Value>, key: &str) -> Result<Option<f64>, InvalidEvent> {
+pub(crate) fn opt_num(object: &Object<'_>, key: &str) -> Result<Option<f64>, InvalidEvent> {
     match object.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Num(n)) => Ok(Some(n.as_f64())),
         Some(other) => Err(wrong_type(key, "a number", other)),
     }
 }
 
 /// Reads an optional object field; present with another type is [`InvalidReason::WrongType`].
-pub(crate) fn opt_object<'a>(
-    object: &'a Map<String, Value>,
+pub(crate) fn opt_object<'b, 'a>(
+    object: &'b Object<'a>,
     key: &str,
-) -> Result<Option<&'a Map<String, Value>>, InvalidEvent> {
+) -> Result<Option<&'b Object<'a>>, InvalidEvent> {
     match object.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(inner)) => Ok(Some(inner)),
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Object(inner)) => Ok(Some(inner)),
         Some(other) => Err(wrong_type(key, "an object", other)),
     }
 }
 
 /// The rejection for a field of the wrong JSON type.
-pub(crate) fn wrong_type(key: &str, expected: &str, got: &Value) -> InvalidEvent {
+pub(crate) fn wrong_type(key: &str, expected: &str, got: &Json<'_>) -> InvalidEvent {
     InvalidEvent::new(
         InvalidReason::WrongType,
-        format!("`{key}` must be {expected}, got {}", json_kind(got)),
+        format!("`{key}` must be {expected}, got {}", got.kind()),
     )
 }
 
@@ -342,19 +334,19 @@ pub(crate) fn customer_id(id: Option<&str>, key: &str) -> Result<Box<str>, Inval
 }
 
 /// Reads the event time from `key`: RFC 3339 text or integer epoch milliseconds.
-pub(crate) fn timestamp(object: &Map<String, Value>, key: &str) -> Result<Millis, InvalidEvent> {
+pub(crate) fn timestamp(object: &Object<'_>, key: &str) -> Result<Millis, InvalidEvent> {
     match object.get(key) {
-        None | Some(Value::Null) => Err(InvalidEvent::new(
+        None | Some(Json::Null) => Err(InvalidEvent::new(
             InvalidReason::MissingTimestamp,
             format!("the event has no `{key}`"),
         )),
-        Some(Value::String(text)) => time::parse_timestamp(text).ok_or_else(|| {
+        Some(Json::Str(text)) => time::parse_timestamp(text).ok_or_else(|| {
             InvalidEvent::new(
                 InvalidReason::BadTimestamp,
                 format!("`{key}` = {text:?} is not an RFC 3339 timestamp"),
             )
         }),
-        Some(Value::Number(n)) => n.as_i64().filter(|ms| *ms >= 0).ok_or_else(|| {
+        Some(Json::Num(n)) => n.as_i64().filter(|ms| *ms >= 0).ok_or_else(|| {
             InvalidEvent::new(
                 InvalidReason::BadTimestamp,
                 format!("`{key}` = {n} is not a non-negative integer of epoch milliseconds"),
@@ -365,11 +357,11 @@ pub(crate) fn timestamp(object: &Map<String, Value>, key: &str) -> Result<Millis
 }
 
 /// Keeps the scalar entries of a JSON object as [`Props`].
-pub(crate) fn scalar_props(object: Option<&Map<String, Value>>) -> Props {
+pub(crate) fn scalar_props(object: Option<&Object<'_>>) -> Props {
     object
         .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.as_str().into(), PropValue::from_json(v)?)))
+        .flat_map(Object::iter)
+        .filter_map(|(k, v)| Some((k.into(), PropValue::from_json(v)?)))
         .collect()
 }
 
@@ -381,21 +373,21 @@ pub(crate) fn carries_money(event_type: &str) -> bool {
 
 /// Reads line items from an array field (`items` or `products`).
 pub(crate) fn items(
-    properties: Option<&Map<String, Value>>,
+    properties: Option<&Object<'_>>,
     key: &str,
 ) -> Result<Vec<Item>, InvalidEvent> {
     let Some(properties) = properties else {
         return Ok(Vec::new());
     };
     let lines = match properties.get(key) {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(lines)) => lines,
+        None | Some(Json::Null) => return Ok(Vec::new()),
+        Some(Json::Array(lines)) => lines,
         Some(other) => return Err(wrong_type(key, "an array", other)),
     };
     lines
         .iter()
         .map(|line| {
-            let Value::Object(line) = line else {
+            let Json::Object(line) = line else {
                 return Err(wrong_type(key, "an array of objects", line));
             };
             item(line)
@@ -404,13 +396,13 @@ pub(crate) fn items(
 }
 
 /// Reads one product line (an item, or the product of an `add_to_cart`).
-pub(crate) fn item(line: &Map<String, Value>) -> Result<Item, InvalidEvent> {
+pub(crate) fn item(line: &Object<'_>) -> Result<Item, InvalidEvent> {
     let product_id = match ["product_id", "sku", "id"]
         .iter()
         .find_map(|k| line.get(*k))
     {
-        Some(Value::String(s)) => s.as_str().into(),
-        Some(Value::Number(n)) => n.to_string().into(),
+        Some(Json::Str(s)) => (&**s).into(),
+        Some(Json::Num(n)) => n.to_string().into(),
         _ => "".into(),
     };
     Ok(Item {
@@ -423,7 +415,7 @@ pub(crate) fn item(line: &Map<String, Value>) -> Result<Item, InvalidEvent> {
 
 /// The money of a purchase or refund: `revenue`, else `total`, else the sum of its items.
 pub(crate) fn revenue(
-    properties: Option<&Map<String, Value>>,
+    properties: Option<&Object<'_>>,
     items: &[Item],
 ) -> Result<Option<f64>, InvalidEvent> {
     if let Some(properties) = properties {

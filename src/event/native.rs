@@ -10,15 +10,14 @@
 //! `traits` (for `identify`) may stand at the top level or inside `properties`; purchase
 //! lines are `properties.items`.
 
-use serde_json::{Map, Value};
-
+use super::json::Object;
 use super::{
     Event, InvalidEvent, InvalidReason, carries_money, customer_id, items, opt_object, opt_str,
     revenue, scalar_props, stable_hash, timestamp,
 };
 
 /// Builds an [`Event`] from a native-format object.
-pub fn from_object(object: Map<String, Value>) -> Result<Event, InvalidEvent> {
+pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
     let event_type = match opt_str(&object, "type")? {
         Some(t) if !t.trim().is_empty() => t,
         _ => {

@@ -5,8 +5,7 @@
 //! `properties`, `traits`, `context`. Event names map onto segmentd's built-in types
 //! (`Product Added` → `add_to_cart`, …); any other `track` name is lower-snake-cased.
 
-use serde_json::{Map, Value};
-
+use super::json::Object;
 use super::{
     Event, InvalidEvent, InvalidReason, Props, carries_money, customer_id, items, opt_object,
     opt_str, revenue, scalar_props, stable_hash, timestamp,
@@ -14,7 +13,7 @@ use super::{
 
 /// Whether an object is a Segment-spec call rather than a native event. The spec's
 /// camel-case identity keys never occur in the native format.
-pub fn looks_like(object: &Map<String, Value>) -> bool {
+pub fn looks_like(object: &Object<'_>) -> bool {
     !object.contains_key("customer_id")
         && ["userId", "anonymousId", "messageId", "timestamp"]
             .iter()
@@ -22,7 +21,7 @@ pub fn looks_like(object: &Map<String, Value>) -> bool {
 }
 
 /// Builds an [`Event`] from a Segment-spec object.
-pub fn from_object(object: Map<String, Value>) -> Result<Event, InvalidEvent> {
+pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
     let call = match opt_str(&object, "type")? {
         Some(t) if !t.trim().is_empty() => t,
         _ => {
@@ -122,8 +121,8 @@ pub fn snake_case(name: &str) -> String {
 
 /// The session: `properties.session_id`, else `context.sessionId` (RudderStack's field).
 fn session_id(
-    properties: Option<&Map<String, Value>>,
-    context: Option<&Map<String, Value>>,
+    properties: Option<&Object<'_>>,
+    context: Option<&Object<'_>>,
 ) -> Result<Option<Box<str>>, InvalidEvent> {
     if let Some(id) = properties
         .map(|p| opt_str(p, "session_id"))
@@ -142,7 +141,7 @@ fn session_id(
 /// Flattens the spec's nested context into the keys rules use: `device` (the device type),
 /// `country` and `city` (from `location`), `utm_source` … (from `campaign`), `user_agent`,
 /// `ip`, `locale`, plus any other scalar entry as it is.
-fn flat_context(context: Option<&Map<String, Value>>) -> Result<Props, InvalidEvent> {
+fn flat_context(context: Option<&Object<'_>>) -> Result<Props, InvalidEvent> {
     let Some(context) = context else {
         return Ok(Props::new());
     };
