@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the pure engine on generated traffic with the reference rules:
-//! parsing each input format, the whole per-event path (parse, state, rules, deadlines),
+//! parsing each input format, the whole per-event path (parse, state, rules, deadlines)
+//! with the reference rules and with 1 to 1,000 generated ones,
 //! the timer wheel's cost against the number of timers pending, and restoring state.
 //! Run: `cargo bench --bench engine`. Results and machine in BENCHMARKS.md.
 
@@ -10,11 +11,15 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use segmentd::config::Config;
 use segmentd::engine::Engine;
 use segmentd::event::parse_event;
-use segmentd::generate::{Format, Generator, GeneratorConfig};
+use segmentd::generate::{Format, Generator, GeneratorConfig, rules_toml};
 use segmentd::ingest::restore::Loader;
 use segmentd::state::codec::{Snapshot, encode};
 use segmentd::state::new_store;
 use segmentd::time::wheel::TimerWheel;
+
+/// The binary's allocator, so the benches measure what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const EVENTS: usize = 20_000;
 
@@ -32,10 +37,14 @@ fn traffic(format: Format) -> Vec<Vec<u8>> {
 
 fn reference_engine() -> Engine {
     let text = std::fs::read_to_string("config/segmentd.toml").expect("run from the crate root");
-    let config =
-        Config::from_toml_only(&text, "config/segmentd.toml").expect("the reference config parses");
+    engine_for(&text)
+}
+
+/// An empty engine with the rules of a config text.
+fn engine_for(text: &str) -> Engine {
+    let config = Config::from_toml_only(text, "bench").expect("the config parses");
     Engine::new(
-        Arc::new(config.rule_set().expect("the reference rules compile")),
+        Arc::new(config.rule_set().expect("the rules compile")),
         new_store(),
         config.time.session_gap.millis(),
     )
@@ -57,7 +66,29 @@ fn parsing(c: &mut Criterion) {
             })
         });
     }
+    // The floor under any serde_json-based parser: tokenizing the native events while
+    // keeping nothing.
+    let messages = traffic(Format::Native);
+    group.bench_function("native_tokenize_only", |b| {
+        b.iter(|| {
+            for message in &messages {
+                black_box(serde_json::from_slice::<serde::de::IgnoredAny>(black_box(message)).ok());
+            }
+        })
+    });
     group.finish();
+}
+
+/// The whole per-event path over `messages`: parse, state, rules, deadlines. Returns the
+/// engine, so that dropping it is not timed.
+fn parse_and_apply(engine: Engine, messages: &[Vec<u8>]) -> Engine {
+    let mut changes = Vec::new();
+    for message in messages {
+        let event = parse_event(message, 1 << 16).expect("generated events parse");
+        changes.clear();
+        black_box(engine.apply(&event, &mut changes));
+    }
+    engine
 }
 
 fn per_event_path(c: &mut Criterion) {
@@ -69,18 +100,30 @@ fn per_event_path(c: &mut Criterion) {
         // so every event is new: replays of the same ids would be cheap duplicates.
         b.iter_batched(
             reference_engine,
-            |engine| {
-                let mut changes = Vec::new();
-                for message in &messages {
-                    let event = parse_event(message, 1 << 16).expect("generated events parse");
-                    changes.clear();
-                    black_box(engine.apply(&event, &mut changes));
-                }
-                engine
-            },
+            |engine| parse_and_apply(engine, &messages),
             criterion::BatchSize::LargeInput,
         )
     });
+    group.finish();
+}
+
+/// The per-event path against the number of rules: 1, 20, 100 and 1,000 generated rules
+/// (`segmentd::generate::rules_toml`) on the same traffic.
+fn rule_count(c: &mut Criterion) {
+    let messages = traffic(Format::Native);
+    let mut group = c.benchmark_group("rules");
+    group.throughput(Throughput::Elements(messages.len() as u64));
+    group.sample_size(10);
+    for count in [1, 20, 100, 1_000] {
+        let text = rules_toml(count);
+        group.bench_function(format!("parse_apply_{count}_rules"), |b| {
+            b.iter_batched(
+                || engine_for(&text),
+                |engine| parse_and_apply(engine, &messages),
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
     group.finish();
 }
 
@@ -193,5 +236,12 @@ fn restore(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parsing, per_event_path, timers, restore);
+criterion_group!(
+    benches,
+    parsing,
+    per_event_path,
+    rule_count,
+    timers,
+    restore
+);
 criterion_main!(benches);

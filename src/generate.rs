@@ -345,6 +345,55 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// `count` segment definitions (`[[segments]]` tables of a config) written over the
+/// generator's vocabulary: windowed counts, sums, averages and distincts, filters, `top`,
+/// cart and session state, context, `idle`/`within` deadlines and sequences, with
+/// thresholds and windows varied (among hundreds a few repeat, as in real configurations).
+/// For benchmarks of how the cost grows with the number of rules; every one compiles.
+pub fn rules_toml(count: usize) -> String {
+    let mut text = String::new();
+    for i in 0..count {
+        let n = 2 + i % 17;
+        let days = [1, 3, 7, 14, 30, 60, 90][i % 7];
+        let category = CATEGORIES[i % CATEGORIES.len()];
+        let country = COUNTRIES[i % COUNTRIES.len()].0;
+        let money = 50 + (i % 23) * 25;
+        let rule = match i % 12 {
+            0 => format!("count(product_view, {days}d) >= {n}"),
+            1 => format!("sum(purchase.revenue, {days}d) >= {money}"),
+            2 => format!(
+                "cart.items > {} and idle(cart.updated_at) >= {}m",
+                i % 3,
+                5 + i % 55
+            ),
+            3 => format!(
+                "within(last(exit_intent), {}m) and cart.value > {money}",
+                1 + i % 10
+            ),
+            4 => format!("context.country == '{country}' and count(page_view, {days}d) >= {n}"),
+            5 => format!("top(product_view.category, {days}d) == '{category}'"),
+            6 => format!(
+                "count(purchase) >= {} and idle(last(purchase)) > {days}d",
+                1 + i % 4
+            ),
+            7 => format!("distinct(product_view.product_id, {days}d) >= {n}"),
+            8 => format!("count(product_view where category == '{category}', {days}d) >= {n}"),
+            9 => format!(
+                "not_followed(add_to_cart, purchase, {}h, by = product_id)",
+                1 + i % 24
+            ),
+            10 => {
+                format!("context.device == 'mobile' and sum(purchase.revenue, {days}d) > {money}")
+            }
+            _ => format!("avg(purchase.revenue, {days}d) >= {money} and session.page_views >= {n}"),
+        };
+        text.push_str(&format!(
+            "[[segments]]\nid = \"generated_{i}\"\nenter = \"{rule}\"\n\n"
+        ));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,6 +406,17 @@ mod tests {
             format,
             invalid_share,
         })
+    }
+
+    #[test]
+    fn generated_rules_all_compile() {
+        for count in [1, 20, 100, 1_000] {
+            let text = rules_toml(count);
+            let config = crate::config::Config::from_toml_only(&text, "generated")
+                .unwrap_or_else(|e| panic!("{e}"));
+            let rules = config.rule_set().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(rules.segments.len(), count);
+        }
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub struct GenerateArgs {
     brokers: String,
 }
 
+/// Runs `segmentd generate`: writes the requested traffic, then reports how much.
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.invalid_share),
@@ -195,12 +196,18 @@ pub struct TopicSink {
 }
 
 impl TopicSink {
-    /// A sink on `topic` at `brokers`.
+    /// A sink on `topic` at `brokers`, batching for up to 5 ms (throughput first).
     pub fn new(brokers: &str, topic: &str) -> anyhow::Result<Self> {
+        Self::with_linger(brokers, topic, Duration::from_millis(5))
+    }
+
+    /// A sink that waits at most `linger` to batch: zero for the latency benchmark,
+    /// whose clock starts when an event is handed to the producer.
+    pub fn with_linger(brokers: &str, topic: &str, linger: Duration) -> anyhow::Result<Self> {
         let failures = Arc::new(AtomicU64::new(0));
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("linger.ms", "5")
+            .set("linger.ms", linger.as_millis().to_string())
             .set("enable.idempotence", "true")
             .create_with_context(CountFailures(failures.clone()))
             .context("cannot create the producer")?;

@@ -2,7 +2,7 @@
 
 mod check;
 mod demo;
-mod generate;
+pub mod generate;
 mod replay;
 
 use std::path::PathBuf;

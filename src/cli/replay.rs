@@ -154,7 +154,7 @@ fn write_changes(
 ) -> anyhow::Result<()> {
     let emitted_at = wall_clock_now();
     for change in changes {
-        serde_json::to_writer(&mut *output, &change.to_json(emitted_at))?;
+        serde_json::to_writer(&mut *output, &change.record(emitted_at))?;
         output.write_all(b"\n")?;
     }
     totals.changes += changes.len() as u64;

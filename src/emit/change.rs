@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::time::{Millis, format_timestamp};
@@ -78,38 +79,97 @@ impl SegmentChange {
         change_id(&self.customer_id, self.seq)
     }
 
-    /// The JSON record, with `emitted_at` set to the moment it is sent.
-    pub fn to_json(&self, emitted_at: Millis) -> Value {
+    /// The JSON record, with `emitted_at` set to the moment it is sent: serialized
+    /// straight from the change (no intermediate JSON tree), with the fields in the order
+    /// of their names, as consumers have always seen them.
+    pub fn record(&self, emitted_at: Millis) -> ChangeRecord<'_> {
         let cause = match &self.cause {
             Cause::Event {
                 event_id,
                 event_type,
-            } => {
-                json!({"kind": "event", "event_id": event_id.as_deref(), "type": &**event_type})
-            }
-            Cause::Timer => json!({"kind": "timer"}),
-            Cause::RulesChanged => json!({"kind": "rules_changed"}),
+            } => CauseRecord {
+                event_id: Some(event_id.as_deref()),
+                kind: "event",
+                event_type: Some(event_type),
+            },
+            Cause::Timer => CauseRecord::kind("timer"),
+            Cause::RulesChanged => CauseRecord::kind("rules_changed"),
         };
-        let facts: Map<String, Value> = self
-            .facts
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        json!({
-            "id": self.id(),
-            "schema": SCHEMA,
-            "customer_id": &*self.customer_id,
-            "segment": &*self.segment,
-            "transition": self.transition.as_str(),
-            "at": format_timestamp(self.at),
-            "emitted_at": format_timestamp(emitted_at),
-            "cause": cause,
-            "seq": self.seq,
-            "segments": self.segments.iter().map(|s| &**s).collect::<Vec<_>>(),
-            "facts": facts,
-            "cart": self.cart,
-            "rules_version": &*self.rules_version,
-        })
+        let mut facts: Vec<(&str, &Value)> = self.facts.iter().map(|(k, v)| (&**k, v)).collect();
+        // Sorted by text; a text listed twice keeps its last value, as a JSON map would.
+        facts.sort_by_key(|(k, _)| *k);
+        facts.reverse();
+        facts.dedup_by_key(|(k, _)| *k);
+        facts.reverse();
+        ChangeRecord {
+            at: format_timestamp(self.at),
+            cart: &self.cart,
+            cause,
+            customer_id: &self.customer_id,
+            emitted_at: format_timestamp(emitted_at),
+            facts: Facts(facts),
+            id: self.id(),
+            rules_version: &self.rules_version,
+            schema: SCHEMA,
+            segment: &self.segment,
+            segments: self.segments.iter().map(|s| &**s).collect(),
+            seq: self.seq,
+            transition: self.transition.as_str(),
+        }
+    }
+
+    /// The JSON record as a value (tests, tools).
+    pub fn to_json(&self, emitted_at: Millis) -> Value {
+        serde_json::to_value(self.record(emitted_at)).expect("change records always serialize")
+    }
+}
+
+/// A change as its JSON record (SPEC §3), borrowing from the change.
+#[derive(Debug, Serialize)]
+pub struct ChangeRecord<'a> {
+    at: String,
+    cart: &'a Value,
+    cause: CauseRecord<'a>,
+    customer_id: &'a str,
+    emitted_at: String,
+    facts: Facts<'a>,
+    /// The change's id (also sent as a header).
+    pub id: String,
+    rules_version: &'a str,
+    schema: &'static str,
+    segment: &'a str,
+    segments: Vec<&'a str>,
+    seq: u64,
+    transition: &'static str,
+}
+
+/// `cause`: `{"kind": "timer"}`, or with the event's `event_id` (possibly null) and `type`.
+#[derive(Debug, Serialize)]
+struct CauseRecord<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<Option<&'a str>>,
+    kind: &'static str,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    event_type: Option<&'a str>,
+}
+
+impl CauseRecord<'_> {
+    fn kind(kind: &'static str) -> Self {
+        CauseRecord {
+            event_id: None,
+            kind,
+            event_type: None,
+        }
+    }
+}
+
+/// `facts`: the rule's sub-expressions and their values, as an object sorted by text.
+#[derive(Debug)]
+struct Facts<'a>(Vec<(&'a str, &'a Value)>);
+
+impl Serialize for Facts<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().copied())
     }
 }
 
@@ -131,6 +191,48 @@ pub fn change_id(customer_id: &str, seq: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_record_serializes_with_sorted_keys_and_a_null_event_id() {
+        let change = SegmentChange {
+            customer_id: "c-1".into(),
+            segment: "s".into(),
+            transition: Transition::Exited,
+            at: 0,
+            cause: Cause::Event {
+                event_id: None,
+                event_type: "page_view".into(),
+            },
+            seq: 2,
+            segments: vec![],
+            facts: vec![
+                ("b".into(), json!(1)),
+                ("a".into(), json!(2)),
+                ("b".into(), json!(3)),
+            ],
+            cart: json!([]),
+            rules_version: "v".into(),
+        };
+        let text = serde_json::to_string(&change.record(0)).unwrap();
+        assert!(
+            text.starts_with(r#"{"at":"1970-01-01T00:00:00.000Z","cart":[],"cause":{"event_id":null,"kind":"event","type":"page_view"},"customer_id":"c-1","#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""facts":{"a":2,"b":3},"id":"sc-"#),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(r#""segments":[],"seq":2,"transition":"exited"}"#),
+            "{text}"
+        );
+        let timer = SegmentChange {
+            cause: Cause::Timer,
+            ..change
+        };
+        assert_eq!(timer.to_json(0)["cause"], json!({"kind": "timer"}));
+    }
 
     #[test]
     fn the_id_depends_only_on_customer_and_seq() {

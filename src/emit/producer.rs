@@ -57,9 +57,9 @@ pub fn change_payload(
     change: &SegmentChange,
     emitted_at: crate::time::Millis,
 ) -> (Vec<u8>, OwnedHeaders) {
-    let payload =
-        serde_json::to_vec(&change.to_json(emitted_at)).expect("JSON values always serialise");
-    let id = change.id();
+    let record = change.record(emitted_at);
+    let payload = serde_json::to_vec(&record).expect("change records always serialize");
+    let id = record.id;
     let headers = OwnedHeaders::new_with_capacity(3)
         .insert(Header {
             key: "segment",

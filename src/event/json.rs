@@ -248,7 +248,10 @@ mod tests {
         let Json::Object(object) = Json::parse(payload).unwrap() else {
             panic!("an object");
         };
-        assert!(matches!(object.get("a"), Some(Json::Str(Cow::Borrowed("plain")))));
+        assert!(matches!(
+            object.get("a"),
+            Some(Json::Str(Cow::Borrowed("plain")))
+        ));
         assert_eq!(object.get("b!"), Some(&Json::Str("tab\tbed".into())));
         assert_eq!(
             object.get("n"),

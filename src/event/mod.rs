@@ -372,10 +372,7 @@ pub(crate) fn carries_money(event_type: &str) -> bool {
 }
 
 /// Reads line items from an array field (`items` or `products`).
-pub(crate) fn items(
-    properties: Option<&Object<'_>>,
-    key: &str,
-) -> Result<Vec<Item>, InvalidEvent> {
+pub(crate) fn items(properties: Option<&Object<'_>>, key: &str) -> Result<Vec<Item>, InvalidEvent> {
     let Some(properties) = properties else {
         return Ok(Vec::new());
     };
@@ -397,10 +394,7 @@ pub(crate) fn items(
 
 /// Reads one product line (an item, or the product of an `add_to_cart`).
 pub(crate) fn item(line: &Object<'_>) -> Result<Item, InvalidEvent> {
-    let product_id = match ["product_id", "sku", "id"]
-        .iter()
-        .find_map(|k| line.get(*k))
-    {
+    let product_id = match ["product_id", "sku", "id"].iter().find_map(|k| line.get(k)) {
         Some(Json::Str(s)) => (&**s).into(),
         Some(Json::Num(n)) => n.to_string().into(),
         _ => "".into(),

@@ -17,7 +17,7 @@ pub fn looks_like(object: &Object<'_>) -> bool {
     !object.contains_key("customer_id")
         && ["userId", "anonymousId", "messageId", "timestamp"]
             .iter()
-            .any(|key| object.contains_key(*key))
+            .any(|key| object.contains_key(key))
 }
 
 /// Builds an [`Event`] from a Segment-spec object.

@@ -1,0 +1,623 @@
+//! The end-to-end load harness: the real `segmentd run` binary against a Tansu broker on
+//! loopback, both on this machine, fed by `segmentd::generate`'s traffic.
+//!
+//! Run: `cargo bench --bench e2e` (options after `--`, see `--help`). Phases:
+//! 1. **Throughput**: `--events` generated events (a recorded history ending now) are
+//!    written to the input topic first; then segmentd starts and drains them. Sustained
+//!    throughput is the events applied between the first and the last metrics scrape
+//!    that saw progress, over that time (start-up and group join excluded). CPU seconds
+//!    of segmentd and of the broker over the same interval, and segmentd's resident
+//!    memory at the end, are read from `/proc`.
+//! 2. **Latency at a fixed rate**: with segmentd caught up, live events (generated
+//!    beforehand, each with the event time it is sent at) are produced at `--rate` for
+//!    `--live` (the producer batches for up to 5 ms, librdkafka's default); a
+//!    consumer reads the output topic. Latency is an output change's arrival at that
+//!    consumer minus the moment its causing event was handed to the producer (one clock,
+//!    one process). Timer-caused changes report
+//!    how long after the watermark passed their deadline they arrived (the watermark
+//!    trails live event time by `time.allowed_lateness`).
+//! 3. **Latency at saturation**: the same, offered at the throughput phase 1 measured.
+//!
+//! Everything runs on one 2-core machine: broker, producer, consumer and segmentd share
+//! it, as SPEC §6's end-to-end targets say. Results and commands: BENCHMARKS.md.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use segmentd::cli::generate::{EventClock, Pace, TopicSink, pump};
+use segmentd::config::Config;
+use segmentd::generate::{Format, Generated, Generator, GeneratorConfig};
+use segmentd::time::{parse_timestamp, wall_clock_now};
+
+/// Options of the harness.
+#[derive(Debug, Parser)]
+#[command(about = "segmentd's end-to-end load harness (Tansu on loopback)")]
+struct Args {
+    /// Events written before segmentd starts, for the throughput phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Offered rate of the fixed-rate latency phase, events per second.
+    #[arg(long, default_value_t = 50_000)]
+    rate: u32,
+    /// Length of each live (latency) phase.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    live: Duration,
+    /// Distinct customers in the traffic (activity is heavy-tailed over them).
+    #[arg(long, default_value_t = 100_000)]
+    customers: u32,
+    /// Partitions of each input topic and of the output topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// segmentd's configuration (brokers, group and HTTP address are overridden).
+    #[arg(long, default_value = "config/segmentd.toml")]
+    config: PathBuf,
+    /// Skip the saturation latency phase.
+    #[arg(long)]
+    no_saturation: bool,
+    /// Where the broker's and segmentd's logs go.
+    #[arg(long, default_value = "target/e2e")]
+    logs: PathBuf,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.logs)?;
+    let config_text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("cannot read {}", args.config.display()))?;
+    let config = Config::from_toml_only(&config_text, &args.config.display().to_string())?;
+    let input = config.kafka.input_topics[0].clone();
+
+    let broker = Broker::start(&args.logs.join("tansu.log"))?;
+    let mut topics: Vec<(&str, i32)> = config
+        .kafka
+        .input_topics
+        .iter()
+        .map(|t| (t.as_str(), args.partitions))
+        .collect();
+    topics.push((&config.kafka.output_topic, args.partitions));
+    topics.push((&config.kafka.dead_letter_topic, 1));
+    broker.create_topics(&topics)?;
+
+    println!(
+        "machine: {} cores; events {}, customers {}, partitions {}, config {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        args.events,
+        args.customers,
+        args.partitions,
+        args.config.display()
+    );
+
+    // Phase 1: a recorded history, one event per millisecond, ending now.
+    let started = Instant::now();
+    let history = Pace {
+        count: args.events,
+        rate: 0,
+        clock: EventClock::History {
+            start: wall_clock_now() - args.events as i64,
+            spacing: 1,
+        },
+    };
+    let sink = TopicSink::new(&broker.address, &input)?;
+    pump(
+        generator(1, args.customers),
+        &history,
+        &AtomicBool::new(false),
+        |m| sink.send(&m.key, &m.payload),
+    )?;
+    ensure!(sink.finish()? == 0, "the broker refused preloaded events");
+    println!(
+        "preloaded {} events in {:.1} s",
+        args.events,
+        started.elapsed().as_secs_f64()
+    );
+
+    let service = Service::start(&args, &broker)?;
+    let drained = service.drain(args.events, &broker)?;
+    println!(
+        "throughput: {:.0} events/s over {:.1} s ({} events); CPU segmentd {:.2} cores \
+         ({:.2} µs per event), broker {:.2} cores; segmentd RSS {} MiB (peak {} MiB)",
+        drained.events as f64 / drained.seconds,
+        drained.seconds,
+        drained.events,
+        drained.segmentd_cpu / drained.seconds,
+        drained.segmentd_cpu / drained.events as f64 * 1e6,
+        drained.broker_cpu / drained.seconds,
+        drained.rss_kib / 1024,
+        drained.peak_kib / 1024,
+    );
+
+    let lateness = config.time.allowed_lateness.millis();
+    let output = OutputReader::start(&broker.address, &config.kafka.output_topic)?;
+    let fixed = live_phase(&broker, &input, &output, 2, &args, args.rate, lateness)?;
+    fixed.print(&format!("at {} events/s", args.rate), lateness);
+    if !args.no_saturation {
+        // Offered at the throughput just measured: the most it carries, not more (a rate
+        // above it only grows a backlog, and the latency with it, without bound).
+        let capacity = (drained.events as f64 / drained.seconds) as u32;
+        let saturated = live_phase(&broker, &input, &output, 3, &args, capacity, lateness)?;
+        saturated.print(&format!("at saturation ({capacity} events/s)"), lateness);
+    }
+    let (rss, peak) = memory_kib(service.child.0.id())?;
+    println!(
+        "segmentd RSS at the end {} MiB (peak {} MiB)",
+        rss / 1024,
+        peak / 1024
+    );
+    Ok(())
+}
+
+fn generator(seed: u64, customers: u32) -> Generator {
+    Generator::new(GeneratorConfig {
+        seed,
+        customers,
+        format: Format::Native,
+        invalid_share: 0.0,
+    })
+}
+
+/// What a live phase measured.
+struct LivePhase {
+    offered: u64,
+    seconds: f64,
+    /// Event → change latencies, microseconds, sorted.
+    latencies: Vec<i64>,
+    /// Timer changes: arrival after the watermark passed the deadline, microseconds, sorted.
+    timer_delays: Vec<i64>,
+    /// Changes caused by events produced before the phase (not measured).
+    unmatched: usize,
+}
+
+impl LivePhase {
+    fn print(&self, label: &str, lateness_ms: i64) {
+        println!(
+            "latency {label}: offered {:.0} events/s for {:.0} s; {} changes: p50 {} p99 {} \
+             p99.9 {} max {} (ms); {} not matched to a phase event",
+            self.offered as f64 / self.seconds,
+            self.seconds,
+            self.latencies.len(),
+            ms(percentile(&self.latencies, 0.50)),
+            ms(percentile(&self.latencies, 0.99)),
+            ms(percentile(&self.latencies, 0.999)),
+            ms(self.latencies.last().copied()),
+            self.unmatched,
+        );
+        println!(
+            "timers {label}: {} fired; after the watermark passed the deadline \
+             (= deadline + {lateness_ms} ms): p50 {} p99 {} max {} (ms)",
+            self.timer_delays.len(),
+            ms(percentile(&self.timer_delays, 0.50)),
+            ms(percentile(&self.timer_delays, 0.99)),
+            ms(self.timer_delays.last().copied()),
+        );
+    }
+}
+
+fn ms(micros: Option<i64>) -> String {
+    micros.map_or("-".to_owned(), |us| format!("{:.2}", us as f64 / 1000.0))
+}
+
+/// The value at quantile `q` of sorted samples (nearest rank).
+fn percentile(sorted: &[i64], q: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Produces live events at `rate` for `args.live`, then waits for
+/// the output to go quiet and matches changes to their events. A timer's watermark passes
+/// its deadline `lateness_ms` after it (in live event time).
+fn live_phase(
+    broker: &Broker,
+    input: &str,
+    output: &OutputReader,
+    seed: u64,
+    args: &Args,
+    rate: u32,
+    lateness_ms: i64,
+) -> anyhow::Result<LivePhase> {
+    output.take();
+    // Generated before the clock starts, each stamped with the instant it is due to be
+    // sent, so that generating does not compete with segmentd for the CPU.
+    let planned_rate = u64::from(rate.max(1));
+    let count = (args.live.as_secs_f64() * planned_rate as f64) as u64;
+    let lead = Duration::from_secs(2) + Duration::from_secs_f64(count as f64 / 200_000.0);
+    let t0 = wall_clock_now() + lead.as_millis() as i64;
+    let mut generator = generator(seed, args.customers);
+    let events: Vec<Generated> = (0..count)
+        .map(|i| generator.next_at(t0 + (i * 1000 / planned_rate) as i64))
+        .collect();
+    let sink = TopicSink::with_linger(&broker.address, input, Duration::from_millis(5))?;
+    while wall_clock_now() < t0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let phase_start = wall_clock_now();
+    let started = Instant::now();
+    let mut sent_at = Vec::with_capacity(events.len());
+    for (i, event) in events.iter().enumerate() {
+        let due = Duration::from_secs_f64(i as f64 / planned_rate as f64);
+        // Sleeping only when a millisecond ahead keeps the pacing cheap.
+        if let Some(ahead) = due.checked_sub(started.elapsed())
+            && ahead >= Duration::from_millis(1)
+        {
+            std::thread::sleep(ahead);
+        }
+        sent_at.push(now_micros());
+        sink.send(&event.key, &event.payload)?;
+    }
+    let offered = events.len() as u64;
+    let sent: HashMap<&str, i64> = events
+        .iter()
+        .zip(sent_at)
+        .filter_map(|(event, at)| Some((event_id(&event.payload)?, at)))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    ensure!(sink.finish()? == 0, "the broker refused live events");
+    output.wait_quiet(Duration::from_secs(3), Duration::from_secs(120));
+
+    let mut latencies = Vec::new();
+    let mut timer_delays = Vec::new();
+    let mut unmatched = 0;
+    for change in output.take() {
+        match change.cause {
+            Cause::Event(id) => match sent.get(&*id) {
+                Some(at) => latencies.push(change.arrived - at),
+                None => unmatched += 1,
+            },
+            Cause::Timer(deadline) if deadline >= phase_start => {
+                timer_delays.push(change.arrived - (deadline + lateness_ms) * 1000);
+            }
+            Cause::Timer(_) | Cause::Other => {}
+        }
+    }
+    latencies.sort_unstable();
+    timer_delays.sort_unstable();
+    Ok(LivePhase {
+        offered,
+        seconds,
+        latencies,
+        timer_delays,
+        unmatched,
+    })
+}
+
+/// The `event_id` of a generated native event, found without parsing the whole event
+/// (the harness's producer must not compete with segmentd for the CPU more than needed).
+fn event_id(payload: &[u8]) -> Option<&str> {
+    const FIELD: &[u8] = b"\"event_id\":\"";
+    let start = payload.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    let length = payload[start..].iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&payload[start..start + length]).ok()
+}
+
+/// Why a change was made, as far as the harness cares.
+enum Cause {
+    Event(Box<str>),
+    /// A timer, with its deadline (the change's `at`), epoch milliseconds.
+    Timer(i64),
+    Other,
+}
+
+/// One change read from the output topic.
+struct Arrived {
+    arrived: i64,
+    cause: Cause,
+}
+
+/// A consumer of the output topic on its own thread, from its end at start-up.
+struct OutputReader {
+    received: Arc<Mutex<Vec<Arrived>>>,
+    last_arrival: Arc<Mutex<Instant>>,
+}
+
+impl OutputReader {
+    fn start(brokers: &str, topic: &str) -> anyhow::Result<OutputReader> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "e2e-harness")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment.add_partition_offset(topic, partition, Offset::End)?;
+        }
+        consumer.assign(&assignment)?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let last_arrival = Arc::new(Mutex::new(Instant::now()));
+        let (into, last) = (received.clone(), last_arrival.clone());
+        std::thread::spawn(move || {
+            loop {
+                let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let arrived = now_micros();
+                let cause = message
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                    .map_or(Cause::Other, |change| {
+                        match change["cause"]["kind"].as_str() {
+                            Some("event") => change["cause"]["event_id"]
+                                .as_str()
+                                .map_or(Cause::Other, |id| Cause::Event(id.into())),
+                            Some("timer") => change["at"]
+                                .as_str()
+                                .and_then(parse_timestamp)
+                                .map_or(Cause::Other, Cause::Timer),
+                            _ => Cause::Other,
+                        }
+                    });
+                into.lock().unwrap().push(Arrived { arrived, cause });
+                *last.lock().unwrap() = Instant::now();
+            }
+        });
+        Ok(OutputReader {
+            received,
+            last_arrival,
+        })
+    }
+
+    /// Everything received since the last call.
+    fn take(&self) -> Vec<Arrived> {
+        std::mem::take(&mut *self.received.lock().unwrap())
+    }
+
+    /// Waits until nothing has arrived for `quiet` (at most `limit`).
+    fn wait_quiet(&self, quiet: Duration, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline && self.last_arrival.lock().unwrap().elapsed() < quiet {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A child process killed when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Tansu on a free loopback port, in-memory storage.
+struct Broker {
+    child: Guard,
+    address: String,
+}
+
+impl Broker {
+    fn start(log: &Path) -> anyhow::Result<Broker> {
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(log)?;
+        let child = Command::new(tansu_binary()?)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start tansu")?;
+        let broker = Broker {
+            child: Guard(child),
+            address: format!("127.0.0.1:{port}"),
+        };
+        let admin = broker.admin()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admin
+            .inner()
+            .fetch_metadata(None, Duration::from_millis(500))
+            .is_err()
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "Tansu did not answer within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(broker)
+    }
+
+    fn admin(&self) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &self.address)
+            .create()?)
+    }
+
+    fn create_topics(&self, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+        let topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1)))
+            .collect();
+        let runtime = tokio::runtime::Runtime::new()?;
+        let admin = self.admin()?;
+        for result in runtime.block_on(admin.create_topics(&topics, &AdminOptions::new()))? {
+            if let Err((topic, err)) = result {
+                bail!("cannot create {topic}: {err}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tansu_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("TANSU_BINARY") {
+        return Ok(PathBuf::from(path));
+    }
+    let paths = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&paths)
+        .map(|p| p.join("tansu"))
+        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")))
+        .find(|p| p.is_file())
+        .context(
+            "the harness needs the Tansu broker: ./scripts/test.sh installs it, or \
+             `cargo install tansu --version 0.6.0 --features dynostore --locked`",
+        )
+}
+
+/// The `segmentd run` binary under test.
+struct Service {
+    child: Guard,
+    http: String,
+}
+
+/// What the throughput phase measured.
+struct Drained {
+    events: u64,
+    seconds: f64,
+    segmentd_cpu: f64,
+    broker_cpu: f64,
+    rss_kib: u64,
+    peak_kib: u64,
+}
+
+impl Service {
+    fn start(args: &Args, broker: &Broker) -> anyhow::Result<Service> {
+        let http = format!("127.0.0.1:{}", free_port()?);
+        let log = std::fs::File::create(args.logs.join("segmentd.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_segmentd"))
+            .arg("run")
+            .arg("--config")
+            .arg(&args.config)
+            .env("SEGMENTD_KAFKA__BROKERS", &broker.address)
+            .env("SEGMENTD_KAFKA__GROUP_ID", "segmentd-e2e")
+            .env("SEGMENTD_HTTP__LISTEN", &http)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start segmentd")?;
+        Ok(Service {
+            child: Guard(child),
+            http,
+        })
+    }
+
+    /// Scrapes `/metrics` until `total` events are applied; measures from the first
+    /// scrape that saw events to the scrape that saw the last.
+    fn drain(&self, total: u64, broker: &Broker) -> anyhow::Result<Drained> {
+        let pid = self.child.0.id();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut first: Option<(Instant, u64, f64, f64)> = None;
+        let mut last_progress = Instant::now();
+        let mut last_count = 0;
+        loop {
+            ensure!(
+                Instant::now() < deadline,
+                "segmentd did not drain in 10 min"
+            );
+            ensure!(
+                last_progress.elapsed() < Duration::from_secs(120),
+                "segmentd made no progress for 2 min (at {last_count} events); see its log"
+            );
+            let count = self.events_applied().unwrap_or(0);
+            let now = Instant::now();
+            if count > last_count {
+                last_count = count;
+                last_progress = now;
+            }
+            if count > 0 && first.is_none() {
+                first = Some((
+                    now,
+                    count,
+                    cpu_seconds(pid)?,
+                    cpu_seconds(broker.child.0.id())?,
+                ));
+            }
+            if count >= total
+                && let Some((at, counted, cpu, broker_cpu)) = first
+            {
+                let (rss_kib, peak_kib) = memory_kib(pid)?;
+                return Ok(Drained {
+                    events: count - counted,
+                    seconds: now.duration_since(at).as_secs_f64(),
+                    segmentd_cpu: cpu_seconds(pid)? - cpu,
+                    broker_cpu: cpu_seconds(broker.child.0.id())? - broker_cpu,
+                    rss_kib,
+                    peak_kib,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The sum of `segmentd_events_total` over its labels.
+    fn events_applied(&self) -> Option<u64> {
+        let mut stream = TcpStream::connect(&self.http).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: e2e\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).ok()?;
+        Some(
+            body.lines()
+                .filter(|line| line.starts_with("segmentd_events_total{"))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64,
+        )
+    }
+}
+
+/// User + system CPU seconds a process has used (`/proc/PID/stat`, 100 ticks a second).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("unreadable /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
+}
+
+/// Resident and peak resident memory of a process, KiB.
+fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}

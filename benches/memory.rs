@@ -1,0 +1,137 @@
+//! Memory per customer: the heap the engine's state (customer store and timer wheel)
+//! holds for N customers of generated traffic with the reference rules.
+//!
+//! Run: `cargo bench --bench memory` (`-- --customers 10000,100000,1000000,10000000` for
+//! other sizes). For each size, events of `segmentd::generate` (heavy-tailed activity
+//! over N ids, one event per millisecond of event time) are applied until N distinct
+//! customers have state; the bytes the allocator gets back when the store and the timer
+//! wheel are then dropped, divided by N, is the figure SPEC §6 bounds (512 bytes at
+//! 1,000,000). Counted by a wrapper around
+//! the binary's allocator, so it is what was asked for, not what the OS was given
+//! (resident memory is printed too, for comparison).
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Instant;
+
+use clap::Parser;
+use segmentd::config::Config;
+use segmentd::engine::{Engine, Outcome, TimerUpdate};
+use segmentd::event::parse_event;
+use segmentd::generate::{Format, Generator, GeneratorConfig};
+use segmentd::state::new_store;
+use segmentd::time::wheel::TimerWheel;
+
+/// The binary's allocator, counting the bytes it holds.
+struct Counting;
+
+static HELD: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is passed unchanged to mimalloc, which upholds `GlobalAlloc`'s
+// contract; the counter only observes sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HELD.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's layout is passed on as is.
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HELD.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc` with this layout.
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        HELD.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: `ptr` came from `alloc` with this layout.
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Options of the memory benchmark.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Numbers of customers to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000u32, 100_000, 1_000_000])]
+    customers: Vec<u32>,
+    /// The rules' config.
+    #[arg(long, default_value = "config/segmentd.toml")]
+    config: String,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let text = std::fs::read_to_string(&args.config).expect("the config is readable");
+    let config = Config::from_toml_only(&text, &args.config).expect("the config parses");
+    let rules = Arc::new(config.rule_set().expect("the rules compile"));
+    println!(
+        "| customers | events applied | events per customer | bytes per customer | of which timers | RSS after (MiB) | seconds |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for &customers in &args.customers {
+        let started = Instant::now();
+        let engine = Engine::new(rules.clone(), new_store(), config.time.session_gap.millis());
+        let mut wheel = TimerWheel::new();
+        let mut generator = Generator::new(GeneratorConfig {
+            seed: 5,
+            customers,
+            format: Format::Native,
+            invalid_share: 0.0,
+        });
+        let mut changes = Vec::new();
+        let mut events = 0u64;
+        let start = 1_767_225_600_000;
+        while engine.store().len() < customers as usize {
+            let message = generator.next_at(start + events as i64);
+            let event = parse_event(&message.payload, 1 << 16).expect("generated events parse");
+            changes.clear();
+            if let Outcome::Applied {
+                timer: TimerUpdate::Set(at),
+                ..
+            } = engine.apply(&event, &mut changes)
+            {
+                wheel.schedule(&event.customer_id, at);
+            }
+            events += 1;
+        }
+        // What dropping them frees is exactly what the store and the wheel held.
+        let resident = resident_mib();
+        let before_drop = HELD.load(Ordering::Relaxed);
+        drop(wheel);
+        let timers = before_drop - HELD.load(Ordering::Relaxed);
+        drop(engine);
+        let held = before_drop - HELD.load(Ordering::Relaxed);
+        println!(
+            "| {customers} | {events} | {:.1} | {} | {} | {} | {:.0} |",
+            events as f64 / f64::from(customers),
+            held / customers as isize,
+            timers / customers as isize,
+            resident,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+}
+
+/// This process's resident memory, MiB.
+fn resident_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
