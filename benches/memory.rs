@@ -20,7 +20,7 @@ use segmentd::config::Config;
 use segmentd::engine::{Engine, Outcome, TimerUpdate};
 use segmentd::event::parse_event;
 use segmentd::generate::{Format, Generator, GeneratorConfig};
-use segmentd::state::new_store;
+use segmentd::state::{CustomerState, new_store};
 use segmentd::time::wheel::TimerWheel;
 
 /// The binary's allocator, counting the bytes it holds.
@@ -105,6 +105,7 @@ fn main() {
             }
             events += 1;
         }
+        let parts = breakdown(&engine);
         // What dropping them frees is exactly what the store and the wheel held.
         let resident = resident_mib();
         let before_drop = HELD.load(Ordering::Relaxed);
@@ -120,7 +121,55 @@ fn main() {
             resident,
             started.elapsed().as_secs_f64(),
         );
+        let per_customer = |bytes: usize| bytes / customers as usize;
+        let listed: usize = parts.iter().map(|(_, bytes)| bytes).sum();
+        let described: Vec<String> = parts
+            .iter()
+            .map(|(part, bytes)| format!("{part} {}", per_customer(*bytes)))
+            .collect();
+        println!(
+            "|  | bytes per customer by part: {}; map and allocation slack {} |",
+            described.join(", "),
+            (held as usize).saturating_sub(timers as usize + listed) / customers as usize,
+        );
     }
+}
+
+/// Heap bytes the allocator hands out to build `make`'s value (a clone: exact
+/// capacities, so slack in the originals is not included).
+fn heap_of<T>(make: impl FnOnce() -> T) -> usize {
+    let before = HELD.load(Ordering::Relaxed);
+    let value = make();
+    let bytes = HELD.load(Ordering::Relaxed) - before;
+    drop(value);
+    bytes.max(0) as usize
+}
+
+/// Where the store's bytes go, summed over its customers: the inline struct, the id, and
+/// each part's heap.
+fn breakdown(engine: &Engine) -> Vec<(&'static str, usize)> {
+    let mut parts = [
+        ("inline state", 0),
+        ("id", 0),
+        ("slots", 0),
+        ("context+traits", 0),
+        ("recent ids", 0),
+        ("categories", 0),
+        ("cart", 0),
+        ("session+segments", 0),
+    ];
+    for entry in engine.store().iter() {
+        let (id, state) = (entry.key(), entry.value());
+        parts[0].1 += std::mem::size_of::<CustomerState>();
+        parts[1].1 += heap_of(|| id.clone());
+        parts[2].1 += heap_of(|| state.slots.clone());
+        parts[3].1 += heap_of(|| (state.context.clone(), state.traits.clone()));
+        parts[4].1 += heap_of(|| state.recent_events.clone());
+        parts[5].1 += heap_of(|| state.categories.clone());
+        parts[6].1 += heap_of(|| state.cart.lines.clone());
+        parts[7].1 += heap_of(|| (state.session.id.clone(), state.segments.clone()));
+    }
+    parts.to_vec()
 }
 
 /// This process's resident memory, MiB.

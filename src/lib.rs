@@ -7,7 +7,8 @@
 //! # Layout
 //!
 //! - [`config`]: the one config tree, from TOML with environment overrides.
-//! - [`event`]: input formats (native, Segment spec) → one typed event.
+//! - [`event`]: input formats (native, Segment spec) → one typed event, parsed through a
+//!   JSON document that borrows from the payload.
 //! - [`state`]: per-customer state, sliding windows, the concurrent customer store.
 //! - [`rules`]: the rule language: parse, type-check, compile, evaluate, and when a rule
 //!   can next change with time alone.
@@ -18,7 +19,8 @@
 //! - [`ingest`]: the Kafka consumer loop, offsets, shutdown.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, customer and segment lookups.
 //! - [`telemetry`]: every metric, in one place.
-//! - [`generate`]: realistic synthetic shop traffic (demo, `generate`, tests, benches).
+//! - [`generate`]: realistic synthetic shop traffic and rule sets of any size (demo,
+//!   `generate`, tests, benches).
 //! - [`cli`]: the `segmentd` commands: run, demo, replay, check, generate.
 
 #![warn(missing_docs)]
