@@ -198,7 +198,11 @@ fn restore(c: &mut Criterion) {
     for message in &messages {
         engine.apply(&parse_event(message, 1 << 16).unwrap(), &mut changes);
     }
-    let states: Vec<_> = engine.store().iter().map(|e| e.value().clone()).collect();
+    let states: Vec<_> = engine
+        .store()
+        .iter()
+        .map(|e| (**e.value()).clone())
+        .collect();
     let fingerprint = engine.rules().fingerprint;
     let records: Vec<(String, Vec<u8>)> = (0..CUSTOMERS)
         .map(|i| {
@@ -232,6 +236,15 @@ fn restore(c: &mut Criterion) {
             },
             criterion::BatchSize::LargeInput,
         )
+    });
+    // The other half of the changelog: encoding a checkpoint's states (on the consume
+    // loop's thread, once per commit interval for every customer changed in it).
+    group.bench_function("encode_100k_customers", |b| {
+        b.iter(|| {
+            for i in 0..CUSTOMERS {
+                black_box(encode(&states[i % states.len()]));
+            }
+        })
     });
     group.finish();
 }

@@ -108,7 +108,7 @@ impl Engine {
             self.members[usize::from(membership.segment)].fetch_add(1, Ordering::Relaxed);
         }
         let timer = state.timer;
-        if let Some(old) = self.store.insert(id, state) {
+        if let Some(old) = self.store.insert(id, Box::new(state)) {
             self.uncount(&old);
         }
         timer
@@ -140,7 +140,10 @@ impl Engine {
         let type_id = rules.types.id_of(&event.event_type);
         let mut entry = match self.store.get_mut(&*event.customer_id) {
             Some(entry) => entry,
-            None => self.store.entry(event.customer_id.clone()).or_default(),
+            None => self
+                .store
+                .entry(Box::from(event.customer_id.as_str()))
+                .or_default(),
         };
         let state = entry.value_mut();
         if state.check_and_remember(event.dedup_key) {
@@ -513,7 +516,7 @@ mod tests {
         for entry in engine.store().iter() {
             let json = serde_json::to_string(entry.value()).unwrap();
             let back: CustomerState = serde_json::from_str(&json).unwrap();
-            assert_eq!(&back, entry.value(), "{}", entry.key());
+            assert_eq!(&back, &**entry.value(), "{}", entry.key());
         }
     }
 }

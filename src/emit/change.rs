@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::event::Text;
 use crate::time::{Millis, format_timestamp};
 
 /// The `schema` field of every change record.
@@ -37,9 +38,9 @@ pub enum Cause {
     /// An input event.
     Event {
         /// The event's id, if the producer sent one.
-        event_id: Option<Box<str>>,
+        event_id: Option<Text>,
         /// The event's type.
-        event_type: Box<str>,
+        event_type: Text,
     },
     /// Time alone (a deadline passed).
     Timer,
@@ -90,7 +91,7 @@ impl SegmentChange {
             } => CauseRecord {
                 event_id: Some(event_id.as_deref()),
                 kind: "event",
-                event_type: Some(event_type),
+                event_type: Some(event_type.as_str()),
             },
             Cause::Timer => CauseRecord::kind("timer"),
             Cause::RulesChanged => CauseRecord::kind("rules_changed"),

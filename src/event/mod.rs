@@ -29,18 +29,18 @@ pub const MAX_CUSTOMER_ID_BYTES: usize = 256;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
     /// The producer's id for the event (`event_id` / `messageId`), if it sent one.
-    pub event_id: Option<Box<str>>,
+    pub event_id: Option<Text>,
     /// A stable 64-bit hash of `event_id` (or of the raw message when there is none): what
     /// replay detection compares, so a duplicate costs eight bytes of state, not a string.
     pub dedup_key: u64,
     /// The event type in lower snake case (`add_to_cart`, `purchase`, `newsletter_signup`).
-    pub event_type: Box<str>,
+    pub event_type: Text,
     /// Whose event this is: the key of all per-customer state.
-    pub customer_id: Box<str>,
+    pub customer_id: Text,
     /// Event time, from the producer's timestamp.
     pub ts: Millis,
     /// The browsing session the producer assigned, if any.
-    pub session_id: Option<Box<str>>,
+    pub session_id: Option<Text>,
     /// Flat scalar properties (`product_id`, `category`, `price`, …). Nested objects and
     /// arrays other than `items` are not kept: no rule can address them.
     pub properties: Props,
@@ -67,7 +67,12 @@ impl Event {
 
 /// A list of `(key, value)` pairs. Events and customers carry a handful of keys, where a
 /// small vector is both smaller and faster than a hash map.
-pub type Props = Vec<(Box<str>, PropValue)>;
+pub type Props = Vec<(Text, PropValue)>;
+
+/// A short string kept inline (up to 24 bytes) and on the heap only when longer: property
+/// keys and most values (`country`, `DE`, `mobile`, product ids) fit, so parsing an event
+/// and keeping its context allocate nothing per key and value. Encodes like a `str`.
+pub type Text = compact_str::CompactString;
 
 /// Finds `key` in a [`Props`] list.
 pub fn lookup<'a>(props: &'a Props, key: &str) -> Option<&'a PropValue> {
@@ -94,7 +99,7 @@ pub enum PropValue {
     /// Any JSON number.
     Num(f64),
     /// A JSON string.
-    Str(Box<str>),
+    Str(Text),
 }
 
 impl PropValue {
@@ -105,7 +110,7 @@ impl PropValue {
             Json::Null => PropValue::Null,
             Json::Bool(b) => PropValue::Bool(*b),
             Json::Num(n) => PropValue::Num(n.as_f64()),
-            Json::Str(s) => PropValue::Str((&**s).into()),
+            Json::Str(s) => PropValue::Str(Text::from(&**s)),
             Json::Array(_) | Json::Object(_) => return None,
         })
     }
@@ -135,13 +140,13 @@ impl PropValue {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     /// The product's id (`product_id`, else `sku`, else `id`).
-    pub product_id: Box<str>,
+    pub product_id: Text,
     /// How many units; 1 when the producer did not say.
     pub quantity: f64,
     /// Unit price; 0 when the producer did not say.
     pub price: f64,
     /// The product's category, when given: feeds category interest.
-    pub category: Option<Box<str>>,
+    pub category: Option<Text>,
 }
 
 /// Why an input message was rejected. The label ([`InvalidReason::as_str`]) is the
@@ -306,7 +311,7 @@ pub(crate) fn wrong_type(key: &str, expected: &str, got: &Json<'_>) -> InvalidEv
 }
 
 /// Validates a customer id taken from `key`.
-pub(crate) fn customer_id(id: Option<&str>, key: &str) -> Result<Box<str>, InvalidEvent> {
+pub(crate) fn customer_id(id: Option<&str>, key: &str) -> Result<Text, InvalidEvent> {
     match id {
         None => Err(InvalidEvent::new(
             InvalidReason::MissingCustomerId,

@@ -5,6 +5,7 @@
 //! `properties`, `traits`, `context`. Event names map onto segmentd's built-in types
 //! (`Product Added` → `add_to_cart`, …); any other `track` name is lower-snake-cased.
 
+use super::Text;
 use super::json::Object;
 use super::{
     Event, InvalidEvent, InvalidReason, Props, carries_money, customer_id, items, opt_object,
@@ -123,7 +124,7 @@ pub fn snake_case(name: &str) -> String {
 fn session_id(
     properties: Option<&Object<'_>>,
     context: Option<&Object<'_>>,
-) -> Result<Option<Box<str>>, InvalidEvent> {
+) -> Result<Option<Text>, InvalidEvent> {
     if let Some(id) = properties
         .map(|p| opt_str(p, "session_id"))
         .transpose()?

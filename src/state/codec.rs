@@ -233,7 +233,7 @@ mod tests {
         engine
             .store()
             .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
+            .map(|e| (e.key().clone(), (**e.value()).clone()))
             .collect()
     }
 

@@ -119,7 +119,7 @@ impl Cart {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     /// The producer's session id, if it sends one.
-    pub id: Option<Box<str>>,
+    pub id: Option<crate::event::Text>,
     /// When the session started.
     pub started_at: Millis,
     /// When the customer was last active in it.

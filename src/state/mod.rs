@@ -19,8 +19,10 @@ pub use customer::CustomerState;
 
 /// Every customer's state, shared between the engine (which writes) and the HTTP lookups
 /// (which read). A sharded concurrent map: a lookup never waits for the whole map, only
-/// for the one shard being written.
-pub type CustomerStore = Arc<DashMap<Box<str>, CustomerState, foldhash::fast::RandomState>>;
+/// for the one shard being written. States are boxed: a hash table keeps a share of its
+/// slots empty (up to half, after it doubles), and an empty slot then costs the size of a
+/// pointer, not of a whole state.
+pub type CustomerStore = Arc<DashMap<Box<str>, Box<CustomerState>, foldhash::fast::RandomState>>;
 
 /// An empty store.
 pub fn new_store() -> CustomerStore {
