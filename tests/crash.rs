@@ -37,17 +37,12 @@ struct Instance {
 }
 
 impl Instance {
-    /// Starts instance `name` with `config` plus its static group membership
-    /// (`group.instance.id` = `name`): restarted, it takes its dead predecessor's place in
-    /// the group at once instead of waiting for the session to time out.
+    /// Starts instance `name` with `config`, as a dynamic group member: a restarted
+    /// instance joins as a new member and the group drops its dead predecessor when its
+    /// session times out. (With static membership — `group.instance.id` = `name` — Tansu
+    /// 0.6 left a restarted single instance unassigned for good in 3 runs of 3; dynamic,
+    /// it passed 3 of 3.)
     fn start(config: &Path, dir: &Path, name: &str) -> Instance {
-        let own_config = dir.join(format!("{name}.toml"));
-        let text = std::fs::read_to_string(config).unwrap().replace(
-            "[kafka.consumer]\n",
-            &format!("[kafka.consumer]\n\"group.instance.id\" = \"{name}\"\n"),
-        );
-        std::fs::write(&own_config, text).unwrap();
-        let config = own_config.as_path();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(BIN)
@@ -140,24 +135,19 @@ impl Rng {
 /// transition, `at`, `seq`, `id` — none missing, none invented: state restored from the
 /// changelog, re-read events already in it skipped, the others applied again.
 ///
-/// Ignored in the suite for now: it passes most runs, but one run in about a dozen showed
-/// a customer whose changes diverged after a restart (the likely cause — a restored
-/// partition resuming elsewhere than its restore assumed — is fixed, not yet confirmed by
-/// enough runs), and Tansu 0.6 sometimes stalls a rejoining member for good. Run it with
-/// `cargo test --test crash -- --ignored --nocapture` (seed printed; `CRASH_SEED` repeats).
+/// The seed is printed; `CRASH_SEED` repeats a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet enough clean runs; Tansu 0.6 can stall a rejoining member"]
 async fn a_killed_instance_restarts_where_it_left_off() {
     crash_run(1, &["kill"]).await;
 }
 
 /// The same with three instances in one group, a fourth joining and leaving mid-stream.
-/// Ignored: Tansu 0.6's group coordinator gives a partition to two members at once under
-/// cooperative-sticky rebalancing (and loses one under `range`), which this test shows;
-/// run it by hand against a broker with a faithful group protocol
-/// (`cargo test --test crash -- --ignored`).
+/// Ignored for now: with dynamic membership it passed 3 of 4 runs; the fourth
+/// (`CRASH_SEED=1795684057218667207`) ended with 10 customers' last changes missing, all
+/// after the scale-down — not yet told apart from Tansu 0.6 leaving a partition
+/// unassigned. Run it with `cargo test --test crash -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Tansu 0.6 assigns one partition to two group members at once"]
+#[ignore = "3 of 4 runs pass; one lost the tail of 10 customers' changes (investigating)"]
 async fn killed_and_rescaled_instances_publish_what_one_uninterrupted_replay_does() {
     crash_run(3, &["kill", "scale-up", "scale-down"]).await;
 }
