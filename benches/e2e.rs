@@ -23,9 +23,9 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -74,6 +74,11 @@ struct Args {
     #[arg(long, hide = true)]
     bench: bool,
 }
+
+#[path = "../tests/common/process.rs"]
+mod process;
+
+use process::{Guard, free_port, spawn_tansu};
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -396,20 +401,6 @@ impl OutputReader {
     }
 }
 
-/// A child process killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Tansu on a free loopback port, in-memory storage.
 struct Broker {
     child: Guard,
@@ -418,26 +409,8 @@ struct Broker {
 
 impl Broker {
     fn start(log: &Path) -> anyhow::Result<Broker> {
-        let port = free_port()?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(log)?;
-        let child = Command::new(tansu_binary()?)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start tansu")?;
-        let broker = Broker {
-            child: Guard(child),
-            address: format!("127.0.0.1:{port}"),
-        };
+        let (child, address) = spawn_tansu(log);
+        let broker = Broker { child, address };
         let admin = broker.admin()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while admin
@@ -476,21 +449,6 @@ impl Broker {
     }
 }
 
-fn tansu_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("TANSU_BINARY") {
-        return Ok(PathBuf::from(path));
-    }
-    let paths = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&paths)
-        .map(|p| p.join("tansu"))
-        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")))
-        .find(|p| p.is_file())
-        .context(
-            "the harness needs the Tansu broker: ./scripts/test.sh installs it, or \
-             `cargo install tansu --version 0.6.0 --features dynostore --locked`",
-        )
-}
-
 /// The `segmentd run` binary under test.
 struct Service {
     child: Guard,
@@ -509,7 +467,7 @@ struct Drained {
 
 impl Service {
     fn start(args: &Args, broker: &Broker) -> anyhow::Result<Service> {
-        let http = format!("127.0.0.1:{}", free_port()?);
+        let http = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(args.logs.join("segmentd.log"))?;
         let child = Command::new(env!("CARGO_BIN_EXE_segmentd"))
             .arg("run")

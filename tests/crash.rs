@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::tansu::{Guard, create_topics, free_port, start_tansu};
+use common::process::{Guard, free_port};
+use common::tansu::{create_topics, start_tansu};
 use common::{
     DEAD, INPUT, OUTPUT, TRAFFIC_START, changes_by_customer, committed_total, generated_messages,
     http_get, read_unique_changes, replay_changes, wait_for,

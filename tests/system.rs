@@ -10,7 +10,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::tansu::{Guard, create_topics, free_port, start_tansu};
+use common::process::{Guard, free_port};
+use common::tansu::{create_topics, start_tansu};
 use common::{DEAD, INPUT, OUTPUT, check_committed, http_get, script_round_trip, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_segmentd");
