@@ -255,7 +255,7 @@ fn live_phase(
     let events: Vec<Generated> = (0..count)
         .map(|i| generator.next_at(t0 + (i * 1000 / planned_rate) as i64))
         .collect();
-    let sink = TopicSink::with_linger(&broker.address, input, Duration::from_millis(5))?;
+    let sink = TopicSink::new(&broker.address, input)?;
     while wall_clock_now() < t0 {
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -196,18 +196,12 @@ pub struct TopicSink {
 }
 
 impl TopicSink {
-    /// A sink on `topic` at `brokers`, batching for up to 5 ms (throughput first).
+    /// A sink on `topic` at `brokers`, batching for up to 5 ms.
     pub fn new(brokers: &str, topic: &str) -> anyhow::Result<Self> {
-        Self::with_linger(brokers, topic, Duration::from_millis(5))
-    }
-
-    /// A sink that waits at most `linger` to batch: zero for the latency benchmark,
-    /// whose clock starts when an event is handed to the producer.
-    pub fn with_linger(brokers: &str, topic: &str, linger: Duration) -> anyhow::Result<Self> {
         let failures = Arc::new(AtomicU64::new(0));
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("linger.ms", linger.as_millis().to_string())
+            .set("linger.ms", "5")
             .set("enable.idempotence", "true")
             .create_with_context(CountFailures(failures.clone()))
             .context("cannot create the producer")?;

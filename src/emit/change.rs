@@ -1,6 +1,7 @@
 //! The segment-change event (SPEC §3): what the engine produces and what goes, as one JSON
 //! message per change, onto the output topic.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -96,19 +97,14 @@ impl SegmentChange {
             Cause::Timer => CauseRecord::kind("timer"),
             Cause::RulesChanged => CauseRecord::kind("rules_changed"),
         };
-        let mut facts: Vec<(&str, &Value)> = self.facts.iter().map(|(k, v)| (&**k, v)).collect();
-        // Sorted by text; a text listed twice keeps its last value, as a JSON map would.
-        facts.sort_by_key(|(k, _)| *k);
-        facts.reverse();
-        facts.dedup_by_key(|(k, _)| *k);
-        facts.reverse();
         ChangeRecord {
             at: format_timestamp(self.at),
             cart: &self.cart,
             cause,
             customer_id: &self.customer_id,
             emitted_at: format_timestamp(emitted_at),
-            facts: Facts(facts),
+            // Sorted by text; a text listed twice keeps its last value.
+            facts: self.facts.iter().map(|(k, v)| (&**k, v)).collect(),
             id: self.id(),
             rules_version: &self.rules_version,
             schema: SCHEMA,
@@ -133,7 +129,7 @@ pub struct ChangeRecord<'a> {
     cause: CauseRecord<'a>,
     customer_id: &'a str,
     emitted_at: String,
-    facts: Facts<'a>,
+    facts: BTreeMap<&'a str, &'a Value>,
     /// The change's id (also sent as a header).
     pub id: String,
     rules_version: &'a str,
@@ -161,16 +157,6 @@ impl CauseRecord<'_> {
             kind,
             event_type: None,
         }
-    }
-}
-
-/// `facts`: the rule's sub-expressions and their values, as an object sorted by text.
-#[derive(Debug)]
-struct Facts<'a>(Vec<(&'a str, &'a Value)>);
-
-impl Serialize for Facts<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().copied())
     }
 }
 
