@@ -212,6 +212,10 @@ impl TimeConfig {
 pub struct DeliveryConfig {
     /// The delivery guarantee.
     pub mode: DeliveryMode,
+    /// `exactly_once`: the producer's transactional id. It must be unique per instance
+    /// and stable across its restarts (a restarted instance then fences its old self and
+    /// aborts its open transaction at once). Empty: `{group_id}-{hostname}-{HTTP port}`.
+    pub transactional_id: String,
 }
 
 /// Delivery guarantees.
@@ -272,6 +276,23 @@ struct SpannedSegment {
 }
 
 impl Config {
+    /// The transactional id of `exactly_once` mode: the configured one, or one derived
+    /// from the group, the host and the HTTP port (unique on a host: two instances cannot
+    /// listen on one port); with port 0 (tests) the process id stands for the port.
+    pub fn transactional_id(&self) -> String {
+        if !self.delivery.transactional_id.is_empty() {
+            return self.delivery.transactional_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        let port = match self.http.listen.port() {
+            0 => format!("pid{}", std::process::id()),
+            port => port.to_string(),
+        };
+        format!("{}-{host}-{port}", self.kafka.group_id)
+    }
+
     /// Loads a config file with environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -315,8 +336,10 @@ impl Config {
                 message,
             })
         };
-        if self.delivery.mode == DeliveryMode::ExactlyOnce {
-            return fail("delivery.mode = \"exactly_once\" is not available in this version; use \"at_least_once\"".into());
+        if self.delivery.mode == DeliveryMode::ExactlyOnce
+            && self.kafka.changelog_topic.trim().is_empty()
+        {
+            return fail("delivery.mode = \"exactly_once\" needs kafka.changelog_topic: without durable state a restart could not resume exactly where the last transaction ended".into());
         }
         if self.kafka.input_topics.is_empty() {
             return fail("kafka.input_topics is empty: name at least one topic to read".into());
@@ -494,10 +517,24 @@ mod tests {
     }
 
     #[test]
-    fn exactly_once_is_refused_until_it_exists() {
-        let text = "[delivery]\nmode = 'exactly_once'\n[[segments]]\nid='s'\nenter='true'";
+    fn exactly_once_needs_a_changelog() {
+        let text = "[kafka]\nchangelog_topic = ''\n[delivery]\nmode = 'exactly_once'\n[[segments]]\nid='s'\nenter='true'";
         let err = Config::from_toml_only(text, "t").unwrap_err();
-        assert!(err.to_string().contains("not available"), "{err}");
+        assert!(
+            err.to_string().contains("needs kafka.changelog_topic"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn exactly_once_derives_a_transactional_id_per_instance() {
+        let text = "[kafka]\ngroup_id = 'g'\n[http]\nlisten = '0.0.0.0:9500'\n[delivery]\nmode = 'exactly_once'\n[[segments]]\nid='s'\nenter='true'";
+        let config = Config::from_toml_only(text, "t").unwrap();
+        let id = config.transactional_id();
+        assert!(id.starts_with("g-") && id.ends_with("-9500"), "{id}");
+        let text = text.replace("[[segments]]", "transactional_id = 'pod-3'\n[[segments]]");
+        let config = Config::from_toml_only(&text, "t").unwrap();
+        assert_eq!(config.transactional_id(), "pod-3");
     }
 
     #[test]

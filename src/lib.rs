@@ -16,7 +16,8 @@
 //!   clock (manual in tests); rules are evaluated at a time passed in.
 //! - [`engine`]: one event in, segment changes out; pure.
 //! - [`emit`]: segment-change records, the producer, dead letters.
-//! - [`ingest`]: the Kafka consumer loop, offsets, shutdown.
+//! - [`ingest`]: the Kafka consumer loop, offsets, changelog and restores, exactly-once
+//!   transactions, shutdown.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, customer and segment lookups.
 //! - [`telemetry`]: every metric, in one place.
 //! - [`generate`]: realistic synthetic shop traffic and rule sets of any size (demo,

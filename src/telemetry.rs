@@ -45,6 +45,9 @@ pub struct Metrics {
     pub producer_queue: IntGauge,
     /// `segmentd_dead_letters_total{reason}`: dead-letter records acknowledged.
     pub dead_letters: IntCounterVec,
+    /// `segmentd_transactions_total{result}`: exactly-once transactions committed or
+    /// aborted.
+    pub transactions: IntCounterVec,
     /// `segmentd_watermark_seconds{partition}`: each owned partition's event-time
     /// watermark, as Unix seconds.
     pub watermark: GaugeVec,
@@ -139,6 +142,11 @@ impl Metrics {
             producer_queue: gauge(
                 "segmentd_producer_queue",
                 "Records in the producer not yet acknowledged by the brokers.",
+            ),
+            transactions: counter_vec(
+                "segmentd_transactions_total",
+                "Exactly-once transactions, by result (committed, aborted).",
+                &["result"],
             ),
             dead_letters: counter_vec(
                 "segmentd_dead_letters_total",

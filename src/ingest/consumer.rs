@@ -8,7 +8,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::ThreadedProducer;
+use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -18,7 +18,8 @@ use super::changelog::{Changelog, TIMER_TOPIC, send_blocking};
 use super::delivery::Acknowledger;
 use super::offsets::{OffsetTracker, PartitionKey};
 use super::restore::{Readiness, Restorer};
-use crate::config::Config;
+use super::transaction::{TransactionFailure, Transactions};
+use crate::config::{Config, DeliveryMode};
 use crate::engine::Engine;
 use crate::telemetry::Metrics;
 
@@ -47,6 +48,8 @@ pub struct Durable {
     /// The producer, set once created (it is created after the consumer, whose handle
     /// its delivery callback needs).
     pub producer: OnceLock<Arc<ThreadedProducer<Acknowledger>>>,
+    /// In exactly-once mode, the transactions the producer writes in.
+    pub transactions: Option<Arc<Transactions>>,
 }
 
 impl IngestContext {
@@ -77,6 +80,45 @@ impl IngestContext {
     /// The durable-state parts, if any.
     pub fn durable(&self) -> Option<&Durable> {
         self.durable.as_ref()
+    }
+
+    /// The transactions, in exactly-once mode.
+    pub fn transactions(&self) -> Option<&Arc<Transactions>> {
+        self.durable.as_ref()?.transactions.as_ref()
+    }
+
+    /// Exactly-once: checkpoints every partition, waits until the changelog holds the
+    /// checkpoints (so every offset they complete is stored for the transaction), and
+    /// commits the transaction — or aborts it if any of that fails. Called where no event
+    /// is being applied (the consume loop, or the rebalance callback, which blocks it).
+    /// Blocking.
+    pub fn commit_transaction(
+        &self,
+        consumer: &impl Consumer<Self>,
+    ) -> Result<(), TransactionFailure> {
+        let (Some(durable), Some(transactions)) = (&self.durable, self.transactions()) else {
+            return Ok(());
+        };
+        let Some(producer) = durable.producer.get() else {
+            return Ok(());
+        };
+        let numbers: Vec<i32> = {
+            let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            partitions.keys().copied().collect()
+        };
+        // Every output acknowledged first: a checkpoint is written only after the outputs
+        // of the messages it includes.
+        let prepared = producer
+            .flush(super::DRAIN_TIMEOUT)
+            .map_err(|err| format!("outputs not acknowledged in time: {err}"))
+            .and_then(|()| {
+                if self.final_checkpoint(consumer, durable, &numbers) {
+                    Ok(())
+                } else {
+                    Err("the changelog checkpoint was not acknowledged in time".to_owned())
+                }
+            });
+        transactions.commit(consumer.group_metadata(), prepared)
     }
 
     /// The group's assignment of the first input topic, with the same partition numbers
@@ -149,6 +191,32 @@ impl IngestContext {
             }
         }
         super::abandon_held(&self.partitions, &self.tracker, is_revoked);
+        if let Some(transactions) = self.transactions() {
+            // Exactly-once: one commit of everything (the revoked partitions' last states
+            // and offsets, and what the others did in the open transaction), so that the
+            // next owner restores exactly what was committed.
+            match self.commit_transaction(consumer) {
+                Ok(()) => {}
+                Err(TransactionFailure::Aborted(_)) => transactions.request_rewind(),
+                Err(TransactionFailure::Fatal(err)) => transactions.fail(err),
+            }
+        } else {
+            self.drain_and_commit(consumer, numbers);
+        }
+        self.tracker.release(is_revoked);
+        if let Some(durable) = &self.durable {
+            durable.changelog.forget(|number| numbers.contains(&number));
+        }
+        let dropped = self
+            .engine
+            .drop_partitions(|number| numbers.contains(&number));
+        tracing::info!(partitions = ?numbers, customers = dropped, "Dropped the revoked partitions' state.");
+    }
+
+    /// At-least-once revocation: waits until the revoked partitions' outputs are
+    /// acknowledged and their last checkpoint written, then commits their offsets.
+    fn drain_and_commit(&self, consumer: &BaseConsumer<Self>, numbers: &[i32]) {
+        let is_revoked = |key: &PartitionKey| numbers.contains(&key.1);
         let drained = self.tracker.drain(is_revoked, super::DRAIN_TIMEOUT);
         if !drained {
             tracing::warn!(
@@ -160,26 +228,17 @@ impl IngestContext {
             // Not after a failed drain: the states would include events whose changes
             // may be lost, and a restore would skip those events.
             committable = committable && self.final_checkpoint(consumer, durable, numbers);
-            durable.changelog.forget(|number| numbers.contains(&number));
         }
-        if committable {
-            if let Err(err) = commit_released(consumer, &self.tracker, is_revoked) {
-                tracing::warn!(error = %err, "Commit before revocation failed: the next owner re-reads from the last commit.");
-            }
-        } else {
-            self.tracker.release(is_revoked);
+        if committable && let Err(err) = commit_released(consumer, &self.tracker, is_revoked) {
+            tracing::warn!(error = %err, "Commit before revocation failed: the next owner re-reads from the last commit.");
         }
-        let dropped = self
-            .engine
-            .drop_partitions(|number| numbers.contains(&number));
-        tracing::info!(partitions = ?numbers, customers = dropped, "Dropped the revoked partitions' state.");
     }
 
     /// Checkpoints the revoked partitions' changed customers and waits until the
     /// changelog has them. Returns whether it does (else nothing is committed).
     fn final_checkpoint(
         &self,
-        consumer: &BaseConsumer<Self>,
+        consumer: &impl Consumer<Self>,
         durable: &Durable,
         numbers: &[i32],
     ) -> bool {
@@ -190,7 +249,7 @@ impl IngestContext {
         changelog.checkpoint(numbers, &self.partitions, &self.tracker, &self.engine);
         let (outgoing, ready) = changelog.ready(&self.tracker);
         for (partition, offset) in ready {
-            store_offset(consumer, &partition, offset);
+            super::delivery::store(consumer, &partition, offset);
         }
         for batch in &outgoing {
             for index in 0..batch.len() {
@@ -207,17 +266,6 @@ impl IngestContext {
             );
         }
         settled
-    }
-}
-
-/// Stores an input offset on a consumer for the next commit.
-fn store_offset<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    partition: &PartitionKey,
-    offset: i64,
-) {
-    if let Err(err) = consumer.store_offset(&partition.0, partition.1, offset) {
-        tracing::debug!(error = %err, topic = %partition.0, partition = partition.1, "Offset not stored.");
     }
 }
 
@@ -319,17 +367,22 @@ impl ConsumerContext for IngestContext {
 }
 
 /// A group consumer over the input topics: offsets stored by hand after delivery and
-/// committed every `commit_interval`, cooperative-sticky assignment, lag statistics
-/// every 5 s; the user's librdkafka properties applied last.
+/// committed every `commit_interval` (in exactly-once mode, by the transactions instead),
+/// committed records only, cooperative-sticky assignment, lag statistics every 5 s; the
+/// user's librdkafka properties applied last.
 pub fn create_consumer(
     config: &Config,
     context: IngestContext,
 ) -> Result<StreamConsumer<IngestContext>, KafkaError> {
+    let exactly_once = config.delivery.mode == DeliveryMode::ExactlyOnce;
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "true")
+        // Exactly-once: offsets are committed by the transactions, and only committed
+        // records are read.
+        .set("enable.auto.commit", (!exactly_once).to_string())
+        .set("isolation.level", "read_committed")
         .set(
             "auto.commit.interval.ms",
             config.kafka.commit_interval.millis().max(1).to_string(),

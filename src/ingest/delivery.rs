@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use tokio::sync::Notify;
 
@@ -75,6 +75,25 @@ impl ProducerContext for Acknowledger {
     type DeliveryOpaque = Box<Ticket>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Ticket>) {
+        if let (Err((error, _)), Some(transactions)) =
+            (result, self.consumer.context().transactions())
+        {
+            // Exactly-once: a refused record makes its transaction abort (and the state
+            // rewind); records purged by an abort were already given up.
+            if !matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+            ) {
+                tracing::warn!(
+                    error = %error,
+                    topic = %ticket.partition.0,
+                    partition = ticket.partition.1,
+                    "An output record was refused; its transaction will be aborted."
+                );
+                transactions.poison();
+            }
+            return;
+        }
         if let Err((error, _)) = result {
             tracing::error!(
                 error = %error,
@@ -90,7 +109,7 @@ impl ProducerContext for Acknowledger {
             self.metrics.changelog_records.inc();
             if let Some(changelog) = &self.changelog {
                 for (partition, offset) in changelog.acknowledged(ticket.partition.1, checkpoint) {
-                    store(&self.consumer, &partition, offset);
+                    store(self.consumer.as_ref(), &partition, offset);
                 }
             }
             return;
@@ -110,14 +129,20 @@ impl ProducerContext for Acknowledger {
         }
         // With a changelog, offsets are stored by settled checkpoints instead.
         if let (Some(offset), None) = (completed.store, &self.changelog) {
-            store(&self.consumer, &ticket.partition, offset);
+            store(self.consumer.as_ref(), &ticket.partition, offset);
         }
     }
 }
 
-/// Stores an input offset for the next commit (the next message to read is `offset + 1`).
-pub fn store(consumer: &StreamConsumer<IngestContext>, partition: &PartitionKey, offset: i64) {
-    if let Err(err) = consumer.store_offset(&partition.0, partition.1, offset) {
+/// Stores an input offset for the next commit (the next message to read is `offset + 1`):
+/// on the consumer, for its auto-commit; in exactly-once mode, for the next transaction.
+pub fn store(consumer: &impl Consumer<IngestContext>, partition: &PartitionKey, offset: i64) {
+    if *partition.0 == *TIMER_TOPIC {
+        return; // idle timers' changes answer to no input message
+    }
+    if let Some(transactions) = consumer.context().transactions() {
+        transactions.store(partition, offset);
+    } else if let Err(err) = consumer.store_offset(&partition.0, partition.1, offset) {
         // The partition was revoked meanwhile: its new owner re-reads from the last commit.
         tracing::debug!(error = %err, topic = %partition.0, partition = partition.1, "Offset not stored.");
     }

@@ -13,6 +13,13 @@
 //! deliver stops the service with an error, and its offset is never stored: a restart
 //! re-reads it.
 //!
+//! # Exactly-once
+//!
+//! With `delivery.mode = "exactly_once"` the same bookkeeping decides which offsets are
+//! complete, but they are committed by a Kafka transaction per commit interval together
+//! with the outputs and changelog checkpoints; an aborted transaction rewinds every owned
+//! partition to the last commit ([`transaction`]).
+//!
 //! # Rebalances and shutdown: draining
 //!
 //! When partitions are revoked, the rebalance callback blocks the consumer (no new
@@ -28,6 +35,7 @@ mod delivery;
 pub mod offsets;
 pub mod restore;
 pub mod topics;
+mod transaction;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -41,7 +49,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-use crate::config::Config;
+use crate::config::{Config, DeliveryMode};
 use crate::emit::change::SegmentChange;
 use crate::emit::producer::{change_payload, create_producer, dead_letter_headers, send};
 use crate::engine::{Engine, Outcome};
@@ -57,6 +65,7 @@ use consumer::Durable;
 use delivery::{Acknowledger, DeliveryFailure, Ticket};
 use offsets::{OffsetTracker, PartitionKey};
 use restore::{AlreadyApplied, Restored, Restorer};
+use transaction::{TransactionFailure, Transactions};
 
 pub use consumer::IngestContext;
 pub use restore::Readiness;
@@ -86,6 +95,14 @@ pub enum ServiceError {
         "delivery to the brokers failed (input offset not committed, a restart re-reads it): {0}"
     )]
     Delivery(KafkaError),
+    /// Exactly-once: the transactional producer cannot go on — fenced (another instance
+    /// started with the same transactional id, or the group gave this member's
+    /// partitions to another) or a fatal broker error. Nothing after the last committed
+    /// transaction is visible to `read_committed` readers.
+    #[error(
+        "exactly-once transactions cannot go on (nothing after the last commit is visible; a restart resumes from it): {0}"
+    )]
+    Transactions(KafkaError),
     /// The service's task ended without reporting (it panicked, or ended before it
     /// started without an error).
     #[error("the service task ended unexpectedly: {0}")]
@@ -123,6 +140,8 @@ pub async fn run(
     let tracker = OffsetTracker::new();
     let partitions: Partitions = Arc::default();
     let (restored_tx, mut restored_rx) = tokio::sync::mpsc::unbounded_channel();
+    let transactions = (config.delivery.mode == DeliveryMode::ExactlyOnce)
+        .then(|| Transactions::new(&config.transactional_id(), metrics.clone()));
     let durable = (!config.kafka.changelog_topic.is_empty()).then(|| Durable {
         changelog: Changelog::new(&config.kafka.changelog_topic, &engine),
         restorer: Arc::new(Restorer::new(
@@ -133,6 +152,7 @@ pub async fn run(
             restored_tx,
         )),
         producer: OnceLock::new(),
+        transactions: transactions.clone(),
     });
     let context = IngestContext::new(
         metrics.clone(),
@@ -164,13 +184,34 @@ pub async fn run(
         failure: failure.clone(),
         changelog: changelog.clone(),
     };
+    let mut producer_settings = config.kafka.producer.clone();
+    if transactions.is_some() {
+        producer_settings.insert("transactional.id".into(), config.transactional_id());
+        // A crashed instance's open transaction blocks `read_committed` readers of its
+        // partitions until it times out (unless it restarts with the same id first).
+        let timeout = producer_settings
+            .entry("transaction.timeout.ms".into())
+            .or_insert_with(|| "10000".into())
+            .clone();
+        // librdkafka wants a record given up on within its transaction's timeout.
+        producer_settings
+            .entry("message.timeout.ms".into())
+            .or_insert(timeout);
+    }
     let producer = Arc::new(create_producer(
         &config.kafka.brokers,
-        &config.kafka.producer,
+        &producer_settings,
         acknowledger,
     )?);
     if let Some(durable) = consumer.context().durable() {
         let _ = durable.producer.set(producer.clone());
+    }
+    if let Some(transactions) = &transactions {
+        let (transactions, producer) = (transactions.clone(), producer.clone());
+        tokio::task::spawn_blocking(move || transactions.start(producer))
+            .await
+            .map_err(|err| ServiceError::Task(err.to_string()))?
+            .map_err(ServiceError::Transactions)?;
     }
     topics::prepare(&config).await?;
     // The group assigns the first input topic's partitions; the others follow them.
@@ -227,7 +268,10 @@ pub async fn run(
         restorer,
         applied: Mutex::default(),
         timer_batches: std::sync::atomic::AtomicI64::new(0),
+        rewinding: Mutex::default(),
     };
+    // Exactly-once: why the transactions stopped the service, if they did.
+    let mut fatal = None;
     tokio::pin!(shutdown);
     // Reused for every message: the changes it causes, and the events it lets apply.
     let mut changes = Vec::new();
@@ -258,14 +302,34 @@ pub async fn run(
                 }
             }
             _ = checkpoint_tick.tick(), if pipeline.changelog.is_some() => {
-                pipeline.checkpoint(|_| true);
-                if let Err(err) = pipeline.send_checkpoints().await {
-                    failure.record(err);
-                    break;
+                if transactions.is_some() {
+                    if let Err(err) = pipeline.commit_transaction().await {
+                        fatal = Some(err);
+                        break;
+                    }
+                } else {
+                    pipeline.checkpoint(|_| true);
+                    if let Err(err) = pipeline.send_checkpoints().await {
+                        failure.record(err);
+                        break;
+                    }
                 }
             }
             message = consumer.recv() => match message {
                 Ok(message) => {
+                    if let Some(transactions) = &transactions {
+                        // The rebalance callback met an abort or a fatal error.
+                        if let Some(err) = transactions.take_failure() {
+                            fatal = Some(err);
+                            break;
+                        }
+                        if transactions.take_rewind() {
+                            pipeline.rewind();
+                            continue; // read again from the committed offset
+                        }
+                    }
+                    // Fetched before a rewind: read again from the committed offset.
+                    let stale = pipeline.is_rewinding(message.partition());
                     // A message of a partition still restoring (fetched before it was
                     // paused) waits for the restore.
                     while pipeline.is_restoring(message.partition()) {
@@ -273,6 +337,9 @@ pub async fn run(
                             Some(restored) => pipeline.take_restored(restored),
                             None => break,
                         }
+                    }
+                    if stale {
+                        continue;
                     }
                     if let Err(err) = pipeline.process(&message, &mut changes, &mut released).await {
                         failure.record(err);
@@ -289,22 +356,37 @@ pub async fn run(
     }
     // Events still held for event-time order were not applied: their input is read again.
     abandon_held(&pipeline.partitions, &tracker, |_| true);
-    // Drain: every acknowledged message's offset stored, then committed. Flushing and
-    // waiting block, so they run off the async workers.
-    let mut drained = drain(&producer, &tracker).await;
-    if drained && pipeline.changelog.is_some() {
-        // A last checkpoint of every partition: the next owner restores exactly this.
-        pipeline.checkpoint(|_| true);
-        drained = pipeline.send_checkpoints().await.is_ok() && pipeline.settle().await;
-    }
-    if drained {
-        commit_final(&consumer, &tracker).await;
+    if transactions.is_some() {
+        if fatal.is_none() {
+            // The last transaction: every partition's state, outputs and offsets.
+            match pipeline.commit_transaction().await {
+                Ok(()) => tracing::info!("Committed the last transaction."),
+                Err(err) => fatal = Some(err),
+            }
+        }
     } else {
-        tracing::warn!("Some output was not acknowledged in time: its input will be read again.");
+        // Drain: every acknowledged message's offset stored, then committed. Flushing
+        // and waiting block, so they run off the async workers.
+        let mut drained = drain(&producer, &tracker).await;
+        if drained && pipeline.changelog.is_some() {
+            // A last checkpoint of every partition: the next owner restores exactly this.
+            pipeline.checkpoint(|_| true);
+            drained = pipeline.send_checkpoints().await.is_ok() && pipeline.settle().await;
+        }
+        if drained {
+            commit_final(&consumer, &tracker).await;
+        } else {
+            tracing::warn!(
+                "Some output was not acknowledged in time: its input will be read again."
+            );
+        }
     }
     consumer.unsubscribe();
     http.stop().await;
     tracing::info!("Stopped.");
+    if let Some(err) = fatal {
+        return Err(ServiceError::Transactions(err));
+    }
     match failure.get() {
         Some(err) => Err(ServiceError::Delivery(err)),
         None => Ok(()),
@@ -518,6 +600,10 @@ struct Pipeline {
     applied: Mutex<BTreeMap<i32, AlreadyApplied>>,
     /// Numbers the idle timers' batches of changes in the offset tracker.
     timer_batches: std::sync::atomic::AtomicI64,
+    /// Partitions rewound after an aborted transaction, until their restore finishes:
+    /// their input then starts again at the committed offsets (from the beginning where
+    /// none is committed), and what was fetched before is dropped.
+    rewinding: Mutex<std::collections::BTreeSet<i32>>,
 }
 
 /// An input topic: its name, shared by every in-flight record's ticket, and its
@@ -595,6 +681,27 @@ impl Pipeline {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(number, restored.applied);
         }
+        let rewound = self
+            .rewinding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&number);
+        if rewound {
+            // Nothing committed yet: the rewound input starts again at its beginning.
+            for topic in &self.topics {
+                if !restored.resume_at.contains_key(&*topic.name) {
+                    let seek = self.consumer.seek(
+                        &topic.name,
+                        number,
+                        rdkafka::Offset::Beginning,
+                        Duration::from_secs(5),
+                    );
+                    if let Err(err) = seek {
+                        tracing::warn!(error = %err, topic = %topic.name, partition = number, "Cannot move a rewound partition to its beginning.");
+                    }
+                }
+            }
+        }
         for (topic, offset) in &restored.resume_at {
             let seek = self.consumer.seek(
                 topic,
@@ -634,6 +741,74 @@ impl Pipeline {
         included
     }
 
+    /// Exactly-once: commits the open transaction (off the async workers: it blocks);
+    /// rewinds when it had to be aborted. Returns the fatal error that must stop the
+    /// service.
+    async fn commit_transaction(&self) -> Result<(), KafkaError> {
+        let consumer = self.consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.context().commit_transaction(&*consumer))
+                .await
+                .unwrap_or_else(|err| Err(TransactionFailure::Aborted(err.to_string())));
+        match committed {
+            Ok(()) => Ok(()),
+            Err(TransactionFailure::Aborted(_)) => {
+                self.rewind();
+                Ok(())
+            }
+            Err(TransactionFailure::Fatal(err)) => Err(err),
+        }
+    }
+
+    /// After an aborted transaction: the state of every owned partition is ahead of what
+    /// was committed. Drops it all (customers, timers, held events, in-flight tracking,
+    /// pending checkpoints) and restores each partition from the changelog, its input
+    /// paused until then and read again from the committed offsets.
+    fn rewind(&self) {
+        let Some(restorer) = &self.restorer else {
+            return;
+        };
+        let owned: std::collections::BTreeSet<i32> = match self.consumer.assignment() {
+            Ok(list) => list.elements().iter().map(|p| p.partition()).collect(),
+            Err(err) => {
+                tracing::error!(error = %err, "Cannot read the assignment to rewind.");
+                return;
+            }
+        };
+        restorer.cancel_all();
+        abandon_held(&self.partitions, &self.tracker, |_| true);
+        self.tracker.release(|_| true);
+        if let Some(changelog) = &self.changelog {
+            changelog.forget(|_| true);
+        }
+        let dropped = self.engine.drop_partitions(|_| true);
+        self.partitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        tracing::warn!(partitions = ?owned, customers = dropped, "Rewinding to the last committed transaction: restoring state.");
+        let mut rewinding = self.rewinding.lock().unwrap_or_else(|p| p.into_inner());
+        for number in owned {
+            if let Err(err) = self.consumer.pause(&restorer.inputs_of(number)) {
+                tracing::warn!(error = %err, partition = number, "Cannot pause a rewound partition.");
+            }
+            rewinding.insert(number);
+            restorer.start(number);
+        }
+    }
+
+    /// Whether partition `number` is being rewound (what was fetched before is stale).
+    fn is_rewinding(&self, number: i32) -> bool {
+        self.rewinding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&number)
+    }
+
     /// Takes a changelog checkpoint of the partitions `which` selects.
     fn checkpoint(&self, which: impl Fn(i32) -> bool) {
         let Some(changelog) = &self.changelog else {
@@ -654,7 +829,7 @@ impl Pipeline {
         };
         let (outgoing, committable) = changelog.ready(&self.tracker);
         for (partition, offset) in committable {
-            delivery::store(&self.consumer, &partition, offset);
+            delivery::store(self.consumer.as_ref(), &partition, offset);
         }
         for batch in &outgoing {
             for index in 0..batch.len() {
@@ -861,7 +1036,7 @@ impl Pipeline {
                 self.metrics.event_to_emit.observe(latency.as_secs_f64());
             }
             if let Some(done) = completed.store {
-                delivery::store(&self.consumer, &event.tag.partition, done);
+                delivery::store(self.consumer.as_ref(), &event.tag.partition, done);
             }
         }
         Ok(())
