@@ -101,9 +101,17 @@ pub struct KafkaConfig {
     /// partition is assigned; empty: state lives in memory only (lost on a restart or a
     /// rebalance). Created at start-up if missing.
     pub changelog_topic: String,
-    /// Replication factor of the changelog topic when segmentd creates it; -1: the
-    /// brokers' default.
+    /// Replication factor of the topics segmentd creates (the changelog, the internal
+    /// topic of re-keyed events); -1: the brokers' default.
     pub changelog_replication: i32,
+    /// Input topics *not* keyed by customer id (e.g. keyed by session or device): a
+    /// re-keying stage reads them and writes each message, keyed by its customer id, to
+    /// `rekeyed_topic`, which the service reads as one more input topic — so a
+    /// customer's events still meet on one instance when it scales out.
+    pub rekey_topics: Vec<String>,
+    /// The internal topic re-keyed events go through; empty: `{group_id}-rekeyed`.
+    /// Created at start-up if missing, with the input topics' partition count.
+    pub rekeyed_topic: String,
     /// librdkafka consumer properties, passed through as they are.
     pub consumer: BTreeMap<String, String>,
     /// librdkafka producer properties, passed through as they are.
@@ -122,6 +130,8 @@ impl Default for KafkaConfig {
             dead_letter_topic: "segmentd-dead-letter".into(),
             changelog_topic: "segmentd-changelog".into(),
             changelog_replication: -1,
+            rekey_topics: Vec::new(),
+            rekeyed_topic: String::new(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
             commit_interval: HumanDuration(1_000),
@@ -325,24 +335,64 @@ impl Config {
         })?;
         config.origin = origin.to_owned();
         config.rule_origins = rule_origins(text, &config.segments);
+        config.validate_rekeying()?;
+        let kafka = &mut config.kafka;
+        if !kafka.rekey_topics.is_empty() {
+            if kafka.rekeyed_topic.is_empty() {
+                kafka.rekeyed_topic = format!("{}-rekeyed", kafka.group_id);
+            }
+            if !kafka.input_topics.contains(&kafka.rekeyed_topic) {
+                kafka.input_topics.push(kafka.rekeyed_topic.clone());
+            }
+        }
         config.validate()?;
         Ok(config)
     }
 
+    /// Re-keyed topics are read by the re-keying stage only: one that is also an input
+    /// topic, or any topic segmentd writes, would be read twice or in a loop.
+    fn validate_rekeying(&self) -> Result<(), ConfigError> {
+        let kafka = &self.kafka;
+        let written = [
+            &kafka.output_topic,
+            &kafka.dead_letter_topic,
+            &kafka.changelog_topic,
+            &kafka.rekeyed_topic,
+        ];
+        for topic in &kafka.rekey_topics {
+            if topic.trim().is_empty() {
+                return Err(self.value_error("kafka.rekey_topics holds an empty topic name"));
+            }
+            if kafka.input_topics.contains(topic) || written.contains(&topic) {
+                return Err(self.value_error(&format!(
+                    "kafka.rekey_topics names `{topic}`, which is also an input topic or a topic segmentd writes: a re-keyed topic is read by the re-keying stage only"
+                )));
+            }
+        }
+        if !kafka.rekeyed_topic.is_empty() && kafka.rekey_topics.is_empty() {
+            return Err(self.value_error(
+                "kafka.rekeyed_topic is set but kafka.rekey_topics is empty: name the topics to re-key",
+            ));
+        }
+        Ok(())
+    }
+
+    fn value_error(&self, message: &str) -> ConfigError {
+        ConfigError::Value {
+            origin: self.origin.clone(),
+            message: message.to_owned(),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        let fail = |message: String| {
-            Err(ConfigError::Value {
-                origin: self.origin.clone(),
-                message,
-            })
-        };
+        let fail = |message: String| Err(self.value_error(&message));
         if self.delivery.mode == DeliveryMode::ExactlyOnce
             && self.kafka.changelog_topic.trim().is_empty()
         {
             return fail("delivery.mode = \"exactly_once\" needs kafka.changelog_topic: without durable state a restart could not resume exactly where the last transaction ended".into());
         }
         if self.kafka.input_topics.is_empty() {
-            return fail("kafka.input_topics is empty: name at least one topic to read".into());
+            return fail("kafka.input_topics is empty: name at least one topic to read (or one to re-key, in kafka.rekey_topics)".into());
         }
         if self.kafka.brokers.trim().is_empty() {
             return fail("kafka.brokers is empty".into());
@@ -514,6 +564,43 @@ mod tests {
             "[kafka]\ninput_topics = ['a']\noutput_topic = 'a'\n[[segments]]\nid='s'\nenter='true'";
         let err = Config::from_toml_only(text, "t").unwrap_err();
         assert!(err.to_string().contains("read its own output"), "{err}");
+    }
+
+    #[test]
+    fn rekeyed_topics_feed_an_internal_input_topic() {
+        let text = "[kafka]\ngroup_id = 'g'\ninput_topics = []\nrekey_topics = ['by-session']\n[[segments]]\nid='s'\nenter='true'";
+        let config = Config::from_toml_only(text, "t").unwrap();
+        assert_eq!(config.kafka.rekeyed_topic, "g-rekeyed");
+        assert_eq!(config.kafka.input_topics, vec!["g-rekeyed".to_owned()]);
+        let text = text.replace(
+            "input_topics = []",
+            "input_topics = ['clicks']\nrekeyed_topic = 'mine'",
+        );
+        let config = Config::from_toml_only(&text, "t").unwrap();
+        assert_eq!(
+            config.kafka.input_topics,
+            vec!["clicks".to_owned(), "mine".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_rekeyed_topic_read_twice_is_refused() {
+        for (keys, expected) in [
+            (
+                "input_topics = ['a']\nrekey_topics = ['a']",
+                "also an input topic",
+            ),
+            (
+                "rekey_topics = ['segment-changes']",
+                "also an input topic or a topic segmentd writes",
+            ),
+            ("rekey_topics = ['']", "empty topic name"),
+            ("rekeyed_topic = 'x'", "kafka.rekey_topics is empty"),
+        ] {
+            let text = format!("[kafka]\n{keys}\n[[segments]]\nid='s'\nenter='true'");
+            let err = Config::from_toml_only(&text, "t").unwrap_err();
+            assert!(err.to_string().contains(expected), "{keys}: {err}");
+        }
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct Metrics {
     /// `segmentd_transactions_total{result}`: exactly-once transactions committed or
     /// aborted.
     pub transactions: IntCounterVec,
+    /// `segmentd_rekeyed_total{topic,outcome}`: messages of re-keyed topics copied to the
+    /// internal topic, keyed by customer id or (unreadable) without a key.
+    pub rekeyed: IntCounterVec,
     /// `segmentd_watermark_seconds{partition}`: each owned partition's event-time
     /// watermark, as Unix seconds.
     pub watermark: GaugeVec,
@@ -142,6 +145,11 @@ impl Metrics {
             producer_queue: gauge(
                 "segmentd_producer_queue",
                 "Records in the producer not yet acknowledged by the brokers.",
+            ),
+            rekeyed: counter_vec(
+                "segmentd_rekeyed_total",
+                "Messages of re-keyed topics copied to the internal topic, by source topic and outcome (keyed, unkeyed: no readable customer id, dead-lettered downstream).",
+                &["topic", "outcome"],
             ),
             transactions: counter_vec(
                 "segmentd_transactions_total",

@@ -33,6 +33,7 @@ mod changelog;
 mod consumer;
 mod delivery;
 pub mod offsets;
+mod rekey;
 pub mod restore;
 pub mod topics;
 mod transaction;
@@ -244,6 +245,17 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     tracing::info!(topics = ?config.kafka.input_topics, brokers = %config.kafka.brokers, "Consuming.");
+    let rekeying = if config.kafka.rekey_topics.is_empty() {
+        None
+    } else {
+        match rekey::start(&config, metrics.clone(), failure.clone()) {
+            Ok(rekeying) => Some(rekeying),
+            Err(err) => {
+                http.stop().await;
+                return Err(err.into());
+            }
+        }
+    };
 
     let topics = config
         .kafka
@@ -351,6 +363,9 @@ pub async fn run(
         }
     }
 
+    if let Some(rekeying) = rekeying {
+        rekeying.stop().await;
+    }
     if let Some(restorer) = &pipeline.restorer {
         restorer.cancel_all();
     }

@@ -65,8 +65,9 @@ pub enum TopicError {
         /// The input topics' partitions.
         input: i32,
     },
-    /// The changelog topic could not be created.
-    #[error("cannot create changelog topic `{topic}`: {error}")]
+    /// The changelog topic (or the internal topic of re-keyed events) could not be
+    /// created.
+    #[error("cannot create topic `{topic}`: {error}")]
     Create {
         /// The topic.
         topic: String,
@@ -82,7 +83,10 @@ pub enum TopicError {
 /// of partitions.
 pub async fn prepare(config: &Config) -> Result<i32, TopicError> {
     let admin = Arc::new(admin_client(config)?);
-    let metadata = fetch_metadata(&admin).await?;
+    let mut metadata = fetch_metadata(&admin).await?;
+    if prepare_rekeyed(&admin, &metadata, config).await? {
+        metadata = fetch_metadata(&admin).await?;
+    }
     let partitions = input_partitions(&metadata, &config.kafka.input_topics)?;
     let changelog = &config.kafka.changelog_topic;
     if changelog.is_empty() {
@@ -92,7 +96,16 @@ pub async fn prepare(config: &Config) -> Result<i32, TopicError> {
         return Ok(partitions);
     }
     match partition_count(&metadata, changelog) {
-        None => create_changelog(&admin, config, partitions).await?,
+        None => {
+            let settings = [
+                ("cleanup.policy", "compact"),
+                // Compact promptly: a restore reads every record not yet compacted away.
+                ("min.cleanable.dirty.ratio", "0.1"),
+                ("segment.ms", "3600000"),
+            ];
+            create_topic(&admin, config, changelog, partitions, &settings).await?;
+            tracing::info!(topic = %changelog, partitions, "Created the changelog topic (compacted).");
+        }
         Some(existing) if existing < partitions => {
             return Err(TopicError::TooFewPartitions {
                 topic: changelog.clone(),
@@ -157,19 +170,54 @@ pub fn input_partitions(metadata: &Metadata, topics: &[String]) -> Result<i32, T
     Ok(first.map_or(0, |(_, count)| count))
 }
 
-async fn create_changelog(
+/// With re-keying: checks that the re-keyed topics exist and creates the internal topic
+/// if missing, with the other input topics' partition count (or, with none, the first
+/// re-keyed topic's). Returns whether it created it.
+async fn prepare_rekeyed(
+    admin: &AdminClient<DefaultClientContext>,
+    metadata: &Metadata,
+    config: &Config,
+) -> Result<bool, TopicError> {
+    let kafka = &config.kafka;
+    for topic in &kafka.rekey_topics {
+        if partition_count(metadata, topic).is_none() {
+            return Err(TopicError::MissingInput(topic.clone()));
+        }
+    }
+    if kafka.rekey_topics.is_empty() || partition_count(metadata, &kafka.rekeyed_topic).is_some() {
+        return Ok(false);
+    }
+    let others: Vec<String> = kafka
+        .input_topics
+        .iter()
+        .filter(|t| **t != kafka.rekeyed_topic)
+        .cloned()
+        .collect();
+    let partitions = if others.is_empty() {
+        partition_count(metadata, &kafka.rekey_topics[0]).unwrap_or(1)
+    } else {
+        input_partitions(metadata, &others)?
+    };
+    create_topic(admin, config, &kafka.rekeyed_topic, partitions, &[]).await?;
+    tracing::info!(topic = %kafka.rekeyed_topic, partitions, "Created the internal topic of re-keyed events.");
+    Ok(true)
+}
+
+/// Creates `topic` with `partitions`, the changelog's replication factor and `settings`;
+/// one that appeared meanwhile (another instance) is fine.
+async fn create_topic(
     admin: &AdminClient<DefaultClientContext>,
     config: &Config,
+    topic: &str,
     partitions: i32,
+    settings: &[(&str, &str)],
 ) -> Result<(), TopicError> {
-    let topic = &config.kafka.changelog_topic;
     // -1 asks the brokers for their default.
     let replication = TopicReplication::Fixed(config.kafka.changelog_replication);
-    let new = NewTopic::new(topic, partitions, replication)
-        .set("cleanup.policy", "compact")
-        // Compact promptly: a restore reads every record not yet compacted away.
-        .set("min.cleanable.dirty.ratio", "0.1")
-        .set("segment.ms", "3600000");
+    let mut new = NewTopic::new(topic, partitions, replication);
+    for (key, value) in settings {
+        new = new.set(key, value);
+    }
     let results = admin
         .create_topics(
             [&new],
@@ -181,13 +229,12 @@ async fn create_changelog(
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
                 return Err(TopicError::Create {
-                    topic: topic.clone(),
+                    topic: topic.to_owned(),
                     error: code.to_string(),
                 });
             }
         }
     }
-    tracing::info!(topic = %topic, partitions, "Created the changelog topic (compacted).");
     Ok(())
 }
 
