@@ -17,6 +17,12 @@
 //!    how long after the watermark passed their deadline they arrived (the watermark
 //!    trails live event time by `time.allowed_lateness`).
 //! 3. **Latency at saturation**: the same, offered at the throughput phase 1 measured.
+//! 4. **Restore** (with `--restore-customers N`; `--restore-only` skips phases 1–3): N
+//!    customers' state records (states of generated traffic under distinct ids, encoded
+//!    as segmentd writes them) are written to a fresh changelog topic; a fresh instance
+//!    starts on it. Reported: the time from its first `/readyz` answer "restoring" to
+//!    "ready" (every partition restored, in parallel, through the broker), customers per
+//!    second over it, and the broker's and segmentd's CPU meanwhile.
 //!
 //! Everything runs on one 2-core machine: broker, producer, consumer and segmentd share
 //! it, as SPEC §6's end-to-end targets say. Results and commands: BENCHMARKS.md.
@@ -67,6 +73,12 @@ struct Args {
     /// Skip the saturation latency phase.
     #[arg(long)]
     no_saturation: bool,
+    /// Customers written to a fresh changelog for the restore phase (0: no restore phase).
+    #[arg(long, default_value_t = 0)]
+    restore_customers: u64,
+    /// Only the restore phase.
+    #[arg(long)]
+    restore_only: bool,
     /// Where the broker's and segmentd's logs go.
     #[arg(long, default_value = "target/e2e")]
     logs: PathBuf,
@@ -86,7 +98,6 @@ fn main() -> anyhow::Result<()> {
     let config_text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let config = Config::from_toml_only(&config_text, &args.config.display().to_string())?;
-    let input = config.kafka.input_topics[0].clone();
 
     let broker = Broker::start(&args.logs.join("tansu.log"))?;
     let mut topics: Vec<(&str, i32)> = config
@@ -97,7 +108,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     topics.push((&config.kafka.output_topic, args.partitions));
     topics.push((&config.kafka.dead_letter_topic, 1));
-    broker.create_topics(&topics)?;
+    broker.create_topics(&topics, &[])?;
 
     println!(
         "machine: {} cores; events {}, customers {}, partitions {}, config {}",
@@ -108,6 +119,18 @@ fn main() -> anyhow::Result<()> {
         args.config.display()
     );
 
+    if !args.restore_only {
+        phases_1_to_3(&args, &config, &broker)?;
+    }
+    if args.restore_customers > 0 {
+        restore_phase(&args, &config, &broker)?;
+    }
+    Ok(())
+}
+
+/// Throughput, then latency at a fixed rate and at saturation.
+fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Result<()> {
+    let input = config.kafka.input_topics[0].clone();
     // Phase 1: a recorded history, one event per millisecond, ending now.
     let started = Instant::now();
     let history = Pace {
@@ -132,7 +155,7 @@ fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let service = Service::start(&args, &broker)?;
+    let service = Service::start(args, broker, "segmentd-e2e", &[])?;
     let drained = service.drain(args.events, &broker)?;
     println!(
         "throughput: {:.0} events/s over {:.1} s ({} events); CPU segmentd {:.2} cores \
@@ -163,6 +186,99 @@ fn main() -> anyhow::Result<()> {
         "segmentd RSS at the end {} MiB (peak {} MiB)",
         rss / 1024,
         peak / 1024
+    );
+    Ok(())
+}
+
+/// Phase 4: a fresh instance restoring `--restore-customers` customers through the
+/// broker.
+fn restore_phase(args: &Args, config: &Config, broker: &Broker) -> anyhow::Result<()> {
+    use segmentd::state::codec::{Snapshot, encode};
+    const TOPIC: &str = "segmentd-e2e-restore-changelog";
+    broker.create_topics(
+        &[(TOPIC, args.partitions)],
+        &[("cleanup.policy", "compact")],
+    )?;
+    // Realistic states: those generated traffic leaves behind, under distinct ids.
+    let engine = segmentd::engine::Engine::new(
+        Arc::new(config.rule_set()?),
+        segmentd::state::new_store(),
+        config.time.session_gap.millis(),
+    );
+    let mut traffic = generator(7, 20_000);
+    let mut changes = Vec::new();
+    let start = wall_clock_now() - 200_000_000;
+    for i in 0..200_000 {
+        let message = traffic.next_at(start + i * 1_000);
+        if let Ok(event) = segmentd::event::parse_event(&message.payload, 1 << 16) {
+            engine.apply(&event, &mut changes);
+            changes.clear();
+        }
+    }
+    let states: Vec<_> = engine
+        .store()
+        .iter()
+        .map(|e| (**e.value()).clone())
+        .collect();
+    let fingerprint = engine.rules().fingerprint;
+    let written = Instant::now();
+    let sink = TopicSink::new(&broker.address, TOPIC)?;
+    let mut bytes = 0;
+    for i in 0..args.restore_customers as usize {
+        let snapshot = Snapshot {
+            rules: fingerprint,
+            positions: Vec::new(),
+            state: states[i % states.len()].clone(),
+        };
+        let value = encode(&snapshot);
+        bytes += value.len();
+        sink.send(&format!("customer-{i}"), &value)?;
+    }
+    ensure!(sink.finish()? == 0, "the broker refused state records");
+    println!(
+        "restore: wrote {} state records ({} bytes on average, {} distinct states) in {:.1} s",
+        args.restore_customers,
+        bytes / args.restore_customers as usize,
+        states.len(),
+        written.elapsed().as_secs_f64()
+    );
+
+    let service = Service::start(
+        args,
+        broker,
+        "segmentd-e2e-restore",
+        &[("SEGMENTD_KAFKA__CHANGELOG_TOPIC", TOPIC)],
+    )?;
+    let pid = service.child.0.id();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut restoring: Option<(Instant, f64, f64)> = None;
+    loop {
+        ensure!(Instant::now() < deadline, "not ready within 15 min");
+        match service.get("/readyz") {
+            Some((200, _)) => break,
+            Some((_, body)) if restoring.is_none() && body.contains("restoring") => {
+                restoring = Some((
+                    Instant::now(),
+                    cpu_seconds(pid)?,
+                    cpu_seconds(broker.child.0.id())?,
+                ));
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (since, cpu, broker_cpu) = restoring.context("never saw the restoring state")?;
+    let seconds = since.elapsed().as_secs_f64();
+    let (rss, _) = memory_kib(pid)?;
+    println!(
+        "restore: {} customers over {} partitions in {:.2} s = {:.0} customers/s (assignment to ready); CPU segmentd {:.2} cores, broker {:.2} cores; segmentd RSS {} MiB",
+        args.restore_customers,
+        args.partitions,
+        seconds,
+        args.restore_customers as f64 / seconds,
+        (cpu_seconds(pid)? - cpu) / seconds,
+        (cpu_seconds(broker.child.0.id())? - broker_cpu) / seconds,
+        rss / 1024,
     );
     Ok(())
 }
@@ -433,10 +549,20 @@ impl Broker {
             .create()?)
     }
 
-    fn create_topics(&self, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    /// Creates `topics` (name, partitions), each with the topic `settings`.
+    fn create_topics(
+        &self,
+        topics: &[(&str, i32)],
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let topics: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1)))
+            .map(|(name, n)| {
+                settings.iter().fold(
+                    NewTopic::new(name, *n, TopicReplication::Fixed(1)),
+                    |topic, (key, value)| topic.set(key, value),
+                )
+            })
             .collect();
         let runtime = tokio::runtime::Runtime::new()?;
         let admin = self.admin()?;
@@ -466,16 +592,24 @@ struct Drained {
 }
 
 impl Service {
-    fn start(args: &Args, broker: &Broker) -> anyhow::Result<Service> {
+    /// Starts `segmentd run` in consumer group `group`, with `env` overriding config keys;
+    /// its log goes to `{group}.log`.
+    fn start(
+        args: &Args,
+        broker: &Broker,
+        group: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Service> {
         let http = format!("127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(args.logs.join("segmentd.log"))?;
+        let log = std::fs::File::create(args.logs.join(format!("{group}.log")))?;
         let child = Command::new(env!("CARGO_BIN_EXE_segmentd"))
             .arg("run")
             .arg("--config")
             .arg(&args.config)
             .env("SEGMENTD_KAFKA__BROKERS", &broker.address)
-            .env("SEGMENTD_KAFKA__GROUP_ID", "segmentd-e2e")
+            .env("SEGMENTD_KAFKA__GROUP_ID", group)
             .env("SEGMENTD_HTTP__LISTEN", &http)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -534,17 +668,24 @@ impl Service {
         }
     }
 
-    /// The sum of `segmentd_events_total` over its labels.
-    fn events_applied(&self) -> Option<u64> {
+    /// `GET path`: the status code and the whole response (headers and body).
+    fn get(&self, path: &str) -> Option<(u16, String)> {
         let mut stream = TcpStream::connect(&self.http).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
             stream,
-            "GET /metrics HTTP/1.1\r\nHost: e2e\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: e2e\r\nConnection: close\r\n\r\n"
         )
         .ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        Some((status, response))
+    }
+
+    /// The sum of `segmentd_events_total` over its labels.
+    fn events_applied(&self) -> Option<u64> {
+        let (_, body) = self.get("/metrics")?;
         Some(
             body.lines()
                 .filter(|line| line.starts_with("segmentd_events_total{"))
