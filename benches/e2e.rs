@@ -156,7 +156,7 @@ fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
     );
 
     let service = Service::start(args, broker, "segmentd-e2e", &[])?;
-    let drained = service.drain(args.events, &broker)?;
+    let drained = service.drain(args.events, broker)?;
     println!(
         "throughput: {:.0} events/s over {:.1} s ({} events); CPU segmentd {:.2} cores \
          ({:.2} µs per event), broker {:.2} cores; segmentd RSS {} MiB (peak {} MiB)",
@@ -172,13 +172,13 @@ fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
 
     let lateness = config.time.allowed_lateness.millis();
     let output = OutputReader::start(&broker.address, &config.kafka.output_topic)?;
-    let fixed = live_phase(&broker, &input, &output, 2, &args, args.rate, lateness)?;
+    let fixed = live_phase(broker, &input, &output, 2, args, args.rate, lateness)?;
     fixed.print(&format!("at {} events/s", args.rate), lateness);
     if !args.no_saturation {
         // Offered at the throughput just measured: the most it carries, not more (a rate
         // above it only grows a backlog, and the latency with it, without bound).
         let capacity = (drained.events as f64 / drained.seconds) as u32;
-        let saturated = live_phase(&broker, &input, &output, 3, &args, capacity, lateness)?;
+        let saturated = live_phase(broker, &input, &output, 3, args, capacity, lateness)?;
         saturated.print(&format!("at saturation ({capacity} events/s)"), lateness);
     }
     let (rss, peak) = memory_kib(service.child.0.id())?;
