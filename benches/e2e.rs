@@ -215,11 +215,10 @@ fn restore_phase(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
             changes.clear();
         }
     }
-    let states: Vec<_> = engine
+    let mut states = Vec::new();
+    engine
         .store()
-        .iter()
-        .map(|e| (**e.value()).clone())
-        .collect();
+        .for_each(|_, state| states.push(state.clone()));
     let fingerprint = engine.rules().fingerprint;
     let written = Instant::now();
     let sink = TopicSink::new(&broker.address, TOPIC)?;

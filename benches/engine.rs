@@ -198,11 +198,10 @@ fn restore(c: &mut Criterion) {
     for message in &messages {
         engine.apply(&parse_event(message, 1 << 16).unwrap(), &mut changes);
     }
-    let states: Vec<_> = engine
+    let mut states = Vec::new();
+    engine
         .store()
-        .iter()
-        .map(|e| (**e.value()).clone())
-        .collect();
+        .for_each(|_, state| states.push(state.clone()));
     let fingerprint = engine.rules().fingerprint;
     let records: Vec<(String, Vec<u8>)> = (0..CUSTOMERS)
         .map(|i| {

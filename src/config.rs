@@ -71,6 +71,9 @@ pub struct Config {
     /// Input limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How customers' state is held in memory.
+    #[serde(default)]
+    pub state: StateConfig,
     /// The segments, in evaluation-independent order.
     #[serde(default)]
     pub segments: Vec<SegmentConfig>,
@@ -251,6 +254,24 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_event_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[state]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// A customer with no event or timer for this long (between once and twice this, as
+    /// the store is swept every `idle_after`) is kept encoded — about a fifth of the
+    /// memory — until its next event; "0s": every customer stays decoded.
+    pub idle_after: HumanDuration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            idle_after: HumanDuration(30 * SECOND),
         }
     }
 }

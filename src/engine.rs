@@ -108,7 +108,8 @@ impl Engine {
             self.members[usize::from(membership.segment)].fetch_add(1, Ordering::Relaxed);
         }
         let timer = state.timer;
-        if let Some(old) = self.store.insert(id, Box::new(state)) {
+        // Idle: a restored customer is encoded again at once, its decoded form dropped.
+        if let Some(old) = self.store.insert_idle(id, &state) {
             self.uncount(&old);
         }
         timer
@@ -117,15 +118,8 @@ impl Engine {
     /// Drops the customers of the partitions `which` selects (they moved to another
     /// instance), uncounting their memberships. Returns how many were dropped.
     pub fn drop_partitions(&self, which: impl Fn(i32) -> bool) -> usize {
-        let before = self.store.len();
-        self.store.retain(|_, state| {
-            let drop = which(state.partition);
-            if drop {
-                self.uncount(state);
-            }
-            !drop
-        });
-        before - self.store.len()
+        self.store
+            .drop_partitions(which, |state| self.uncount(state))
     }
 
     fn uncount(&self, state: &CustomerState) {
@@ -138,14 +132,8 @@ impl Engine {
     pub fn apply(&self, event: &Event, out: &mut Vec<SegmentChange>) -> Outcome {
         let rules = &*self.rules;
         let type_id = rules.types.id_of(&event.event_type);
-        let mut entry = match self.store.get_mut(&*event.customer_id) {
-            Some(entry) => entry,
-            None => self
-                .store
-                .entry(Box::from(event.customer_id.as_str()))
-                .or_default(),
-        };
-        let state = entry.value_mut();
+        let mut entry = self.store.get_or_default(&event.customer_id);
+        let state = &mut *entry;
         if state.check_and_remember(event.dedup_key) {
             return Outcome::Duplicate;
         }
@@ -217,7 +205,7 @@ impl Engine {
         out: &mut Vec<SegmentChange>,
     ) -> Option<Millis> {
         let mut entry = self.store.get_mut(customer)?;
-        let state = entry.value_mut();
+        let state = &mut *entry;
         if state.timer == Some(deadline) {
             self.fire_at(customer, state, deadline, out);
         }
@@ -461,7 +449,7 @@ mod tests {
         let (outcome, changes) = apply(&engine, page);
         assert_eq!(outcome, Outcome::Duplicate);
         assert!(changes.is_empty(), "the second copy is not counted");
-        assert_eq!(engine.store().get("c").unwrap().customer.events, 1);
+        assert_eq!(engine.store().read("c", |s| s.customer.events), Some(1));
     }
 
     #[test]
@@ -513,10 +501,10 @@ mod tests {
             );
         }
         assert!(!changes.is_empty());
-        for entry in engine.store().iter() {
-            let json = serde_json::to_string(entry.value()).unwrap();
+        engine.store().for_each(|id, state| {
+            let json = serde_json::to_string(state).unwrap();
             let back: CustomerState = serde_json::from_str(&json).unwrap();
-            assert_eq!(&back, &**entry.value(), "{}", entry.key());
-        }
+            assert_eq!(&back, state, "{id}");
+        });
     }
 }

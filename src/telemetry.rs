@@ -32,6 +32,8 @@ pub struct Metrics {
     pub members: IntGaugeVec,
     /// `segmentd_customers`, set from the store's size at each scrape.
     pub customers: IntGauge,
+    /// `segmentd_customers_idle`: customers held encoded (idle), after the last sweep.
+    pub customers_idle: IntGauge,
     /// `segmentd_event_to_emit_seconds`: from reading an input message to the broker's
     /// acknowledgement of the last change it caused.
     pub event_to_emit: Histogram,
@@ -128,6 +130,10 @@ impl Metrics {
                 &["segment"],
             ),
             customers: gauge("segmentd_customers", "Customers held in state."),
+            customers_idle: gauge(
+                "segmentd_customers_idle",
+                "Customers held encoded because they were idle (after the last sweep of the store).",
+            ),
             event_to_emit,
             consumer_lag: gauge_vec(
                 "segmentd_consumer_lag",

@@ -110,7 +110,7 @@ fn compare(
     let mut mismatches = Vec::new();
     for (customer, events) in by_customer {
         let now = events.iter().map(|e| e.ts).max().unwrap();
-        let state = engine.store().get(customer.as_str()).unwrap();
+        let state = engine.store().read(customer, Clone::clone).unwrap();
         for (segment, expected) in oracle(events, now) {
             let actual = state.is_member(engine.rules().segment_index(segment).unwrap());
             *members.entry(segment).or_default() += usize::from(actual);

@@ -205,16 +205,10 @@ fn progress_bar(size: Option<u64>) -> ProgressBar {
 
 /// Writes one JSON object per customer, sorted by id so dumps can be compared.
 fn dump_state(engine: &Engine, path: &PathBuf) -> anyhow::Result<()> {
-    let mut customers: Vec<(Box<str>, Value)> = engine
-        .store()
-        .iter()
-        .map(|entry| {
-            (
-                entry.key().clone(),
-                engine.customer_json(entry.key(), entry.value()),
-            )
-        })
-        .collect();
+    let mut customers: Vec<(Box<str>, Value)> = Vec::with_capacity(engine.store().len());
+    engine.store().for_each(|id, state| {
+        customers.push((id.into(), engine.customer_json(id, state)));
+    });
     customers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut out = BufWriter::new(
         File::create(path).with_context(|| format!("cannot create {}", path.display()))?,

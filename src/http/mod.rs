@@ -133,8 +133,7 @@ async fn customer(State(state): State<AppState>, Path(id): Path<String>) -> Resp
     let body = state
         .engine
         .store()
-        .get(id.as_str())
-        .map(|entry| state.engine.customer_json(&id, entry.value()));
+        .read(&id, |customer| state.engine.customer_json(&id, customer));
     match body {
         Some(body) => axum::Json(body).into_response(),
         None => error(

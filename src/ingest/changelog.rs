@@ -176,13 +176,13 @@ impl Changelog {
             let records = changed
                 .into_iter()
                 .filter_map(|id| {
-                    let state = engine.store().get(&id)?;
-                    let value = encode(&SnapshotRef {
-                        rules: self.fingerprint,
-                        positions: &named,
-                        state: &state,
-                    });
-                    drop(state);
+                    let value = engine.store().read(&id, |state| {
+                        encode(&SnapshotRef {
+                            rules: self.fingerprint,
+                            positions: &named,
+                            state,
+                        })
+                    })?;
                     Some((id, value))
                 })
                 .collect();

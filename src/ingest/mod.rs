@@ -35,6 +35,7 @@ mod delivery;
 pub mod offsets;
 mod rekey;
 pub mod restore;
+mod sweeper;
 pub mod topics;
 mod transaction;
 
@@ -245,6 +246,11 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     tracing::info!(topics = ?config.kafka.input_topics, brokers = %config.kafka.brokers, "Consuming.");
+    let sweeper = sweeper::Sweeper::start(
+        engine.store().clone(),
+        config.state.idle_after.as_std(),
+        metrics.clone(),
+    );
     let rekeying = if config.kafka.rekey_topics.is_empty() {
         None
     } else {
@@ -252,6 +258,9 @@ pub async fn run(
             Ok(rekeying) => Some(rekeying),
             Err(err) => {
                 http.stop().await;
+                if let Some(sweeper) = sweeper {
+                    sweeper.stop();
+                }
                 return Err(err.into());
             }
         }
@@ -398,6 +407,9 @@ pub async fn run(
     }
     consumer.unsubscribe();
     http.stop().await;
+    if let Some(sweeper) = sweeper {
+        sweeper.stop();
+    }
     tracing::info!("Stopped.");
     if let Some(err) = fatal {
         return Err(ServiceError::Transactions(err));

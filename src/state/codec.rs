@@ -230,11 +230,11 @@ mod tests {
                 engine.apply(&event, &mut out);
             }
         }
+        let mut states = Vec::new();
         engine
             .store()
-            .iter()
-            .map(|e| (e.key().clone(), (**e.value()).clone()))
-            .collect()
+            .for_each(|id, state| states.push((id.into(), state.clone())));
+        states
     }
 
     #[test]

@@ -217,8 +217,8 @@ proptest! {
         for (_, json) in events(&steps) {
             let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
             engine.apply(&event, &mut out);
-            let entry = engine.store().get(&*event.customer_id).unwrap();
-            let state = entry.value();
+            let state = engine.store().read(&event.customer_id, Clone::clone).unwrap();
+            let state = &state;
             let now = state.clock;
             let horizon = state.timer.unwrap_or(now + 200 * DAY);
             prop_assert!(horizon > now);
