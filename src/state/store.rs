@@ -257,8 +257,10 @@ mod tests {
     use super::*;
 
     fn state(partition: i32, events: u64) -> CustomerState {
-        let mut state = CustomerState::default();
-        state.partition = partition;
+        let mut state = CustomerState {
+            partition,
+            ..CustomerState::default()
+        };
         state.customer.events = events;
         state.categories.push(("shoes".into(), 3));
         state
