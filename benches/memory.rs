@@ -109,7 +109,7 @@ fn main() {
                 wheel.schedule(&event.customer_id, at);
             }
             events += 1;
-            if args.sweep_every > 0 && events % args.sweep_every == 0 {
+            if args.sweep_every > 0 && events.is_multiple_of(args.sweep_every) {
                 engine.store().compact_idle();
             }
         }
