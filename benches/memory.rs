@@ -64,8 +64,10 @@ struct Args {
     /// Numbers of customers to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [10_000u32, 100_000, 1_000_000])]
     customers: Vec<u32>,
-    /// Events between two sweeps of the store (idle customers encoded); 0: none.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Events between two sweeps of the store (idle customers encoded); 0: none. The
+    /// default, 30,000, is 30 s of the traffic's event time (one event per millisecond):
+    /// the service's default `state.idle_after`.
+    #[arg(long, default_value_t = 30_000)]
     sweep_every: u64,
     /// The rules' config.
     #[arg(long, default_value = "config/segmentd.toml")]
