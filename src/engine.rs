@@ -94,22 +94,25 @@ impl Engine {
 
     /// Puts a customer's restored state in the store (replacing any it had), counting its
     /// memberships. With `new_timer` (a state translated from other rules) its timer is
-    /// computed afresh. Returns its pending timer.
+    /// computed afresh. `encoded` is the state's encoding as read (kept as is unless the
+    /// state changes here). Returns its pending timer.
     pub fn restore(
         &self,
         id: Box<str>,
         mut state: CustomerState,
         new_timer: bool,
+        mut encoded: Option<&[u8]>,
     ) -> Option<Millis> {
         if new_timer {
             state.timer = self.next_deadline(&state, state.clock);
+            encoded = None;
         }
         for membership in &state.segments {
             self.members[usize::from(membership.segment)].fetch_add(1, Ordering::Relaxed);
         }
         let timer = state.timer;
         // Idle: a restored customer is encoded again at once, its decoded form dropped.
-        if let Some(old) = self.store.insert_idle(id, &state) {
+        if let Some(old) = self.store.insert_idle(id, &state, encoded) {
             self.uncount(&old);
         }
         timer

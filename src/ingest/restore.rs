@@ -22,7 +22,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::changelog::DICTIONARY_PREFIX;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::state::codec::{RulesDictionary, Snapshot, Translation, Translator, decode};
+use crate::state::codec::{
+    RulesDictionary, Snapshot, Translation, Translator, decode, decode_snapshot,
+};
 use crate::telemetry::Metrics;
 use crate::time::Millis;
 
@@ -461,12 +463,15 @@ impl<'a> Loader<'a> {
             }
             return;
         }
-        let Snapshot {
-            rules,
-            positions,
-            mut state,
-        } = match decode::<Snapshot>(value) {
-            Ok(snapshot) => snapshot,
+        let (
+            Snapshot {
+                rules,
+                positions,
+                mut state,
+            },
+            encoded,
+        ) = match decode_snapshot(value) {
+            Ok(decoded) => decoded,
             Err(err) => {
                 tracing::warn!(error = %err, customer = key, offset, "Unreadable changelog record; the customer's previous state is kept.");
                 return;
@@ -496,7 +501,9 @@ impl<'a> Loader<'a> {
         } else {
             applied.remove(key);
         }
-        kept.1 = self.engine.restore(key.into(), state, translated);
+        // Translated states changed: the record's encoding no longer describes them.
+        let encoded = (!translated).then_some(encoded);
+        kept.1 = self.engine.restore(key.into(), state, translated, encoded);
         self.restored.records += 1;
     }
 

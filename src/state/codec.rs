@@ -98,6 +98,33 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError>
     postcard::from_bytes(body).map_err(|err| DecodeError::Corrupt(err.to_string()))
 }
 
+/// The fields of a [`Snapshot`] before its state, for [`decode_snapshot`].
+#[derive(Deserialize)]
+struct SnapshotHeader {
+    rules: u64,
+    positions: Vec<(Box<str>, i64)>,
+}
+
+/// Decodes a [`Snapshot`] record, and returns with it the state's own encoding (the
+/// record's tail: postcard writes a struct's fields one after the other), which the
+/// store keeps as an idle customer without encoding the state again.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<(Snapshot, &[u8]), DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let corrupt = |err: postcard::Error| DecodeError::Corrupt(err.to_string());
+    let (header, encoded_state): (SnapshotHeader, _) =
+        postcard::take_from_bytes(body).map_err(corrupt)?;
+    let state = postcard::from_bytes(encoded_state).map_err(corrupt)?;
+    let snapshot = Snapshot {
+        rules: header.rules,
+        positions: header.positions,
+        state,
+    };
+    Ok((snapshot, encoded_state))
+}
+
 /// Translates states written under other rules to the current ones.
 pub struct Translator {
     current: RulesDictionary,
