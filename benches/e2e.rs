@@ -224,11 +224,7 @@ fn restore_phase(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
     let sink = TopicSink::new(&broker.address, TOPIC)?;
     let mut bytes = 0;
     for i in 0..args.restore_customers as usize {
-        let snapshot = Snapshot {
-            rules: fingerprint,
-            positions: Vec::new(),
-            state: states[i % states.len()].clone(),
-        };
+        let snapshot = Snapshot::new(fingerprint, Vec::new(), states[i % states.len()].clone());
         let value = encode(&snapshot);
         bytes += value.len();
         sink.send(&format!("customer-{i}"), &value)?;

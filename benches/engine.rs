@@ -205,11 +205,11 @@ fn restore(c: &mut Criterion) {
     let fingerprint = engine.rules().fingerprint;
     let records: Vec<(String, Vec<u8>)> = (0..CUSTOMERS)
         .map(|i| {
-            let snapshot = Snapshot {
-                rules: fingerprint,
-                positions: vec![("clickstream".into(), i as i64)],
-                state: states[i % states.len()].clone(),
-            };
+            let snapshot = Snapshot::new(
+                fingerprint,
+                vec![("clickstream".into(), i as i64)],
+                states[i % states.len()].clone(),
+            );
             (format!("customer-{i}"), encode(&snapshot))
         })
         .collect();

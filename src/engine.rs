@@ -16,6 +16,7 @@ use crate::event::Event;
 use crate::rules::RuleSet;
 use crate::rules::deadline::{At, next_change};
 use crate::rules::eval::{Scope, eval, feed_slot, passes};
+use crate::state::codec::Summary;
 use crate::state::customer::Membership;
 use crate::state::slots::SlotState;
 use crate::state::{CustomerState, CustomerStore};
@@ -107,15 +108,44 @@ impl Engine {
             state.timer = self.next_deadline(&state, state.clock);
             encoded = None;
         }
-        for membership in &state.segments {
-            self.members[usize::from(membership.segment)].fetch_add(1, Ordering::Relaxed);
-        }
+        self.count(state.segments.iter().map(|m| m.segment), 1);
         let timer = state.timer;
-        // Idle: a restored customer is encoded again at once, its decoded form dropped.
-        if let Some(old) = self.store.insert_idle(id, &state, encoded) {
+        // Idle: a restored customer is held encoded, its decoded form dropped.
+        let old = match encoded {
+            Some(encoded) => self.store.insert_encoded(id, state.partition, encoded),
+            None => self.store.insert_idle(id, &state),
+        };
+        if let Some(old) = old {
             self.uncount(&old);
         }
         timer
+    }
+
+    /// Puts a customer's restored state in the store as its encoding (`encoded`, a
+    /// changelog record's state bytes, with the record's `summary`), without decoding
+    /// it; counts its memberships. Returns its pending timer.
+    pub fn restore_encoded(
+        &self,
+        id: Box<str>,
+        partition: i32,
+        summary: &Summary,
+        encoded: &[u8],
+    ) -> Option<Millis> {
+        self.count(summary.segments.iter().copied(), 1);
+        if let Some(old) = self.store.insert_encoded(id, partition, encoded) {
+            self.uncount(&old);
+        }
+        summary.timer
+    }
+
+    /// Adds `delta` to the member counts of `segments` (indexes the rules do not have, in
+    /// a hostile record, are ignored).
+    fn count(&self, segments: impl Iterator<Item = u16>, delta: i64) {
+        for segment in segments {
+            if let Some(members) = self.members.get(usize::from(segment)) {
+                members.fetch_add(delta, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Drops the customers of the partitions `which` selects (they moved to another
@@ -126,9 +156,7 @@ impl Engine {
     }
 
     fn uncount(&self, state: &CustomerState) {
-        for membership in &state.segments {
-            self.members[usize::from(membership.segment)].fetch_sub(1, Ordering::Relaxed);
-        }
+        self.count(state.segments.iter().map(|m| m.segment), -1);
     }
 
     /// Applies one event, appending the segment changes it causes to `out` in order.

@@ -39,7 +39,7 @@ use super::delivery::Ticket;
 use super::offsets::{OffsetTracker, PartitionKey};
 use crate::engine::Engine;
 use crate::state::CustomerState;
-use crate::state::codec::{RulesDictionary, encode};
+use crate::state::codec::{RulesDictionary, Summary, encode};
 
 /// How long a checkpoint may wait for its messages' outputs before it is reported.
 const STALLED: Duration = Duration::from_secs(10);
@@ -58,6 +58,7 @@ pub const DICTIONARY_PREFIX: &str = "\u{0}rules:";
 struct SnapshotRef<'a> {
     rules: u64,
     positions: &'a [(Box<str>, i64)],
+    summary: Summary,
     state: &'a CustomerState,
 }
 
@@ -180,6 +181,7 @@ impl Changelog {
                         encode(&SnapshotRef {
                             rules: self.fingerprint,
                             positions: &named,
+                            summary: Summary::of(state),
                             state,
                         })
                     })?;

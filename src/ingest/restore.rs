@@ -22,8 +22,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::changelog::DICTIONARY_PREFIX;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::state::CustomerState;
 use crate::state::codec::{
-    RulesDictionary, Snapshot, Translation, Translator, decode, decode_snapshot,
+    DecodeError, RulesDictionary, Summary, Translation, Translator, decode, decode_state,
+    read_record,
 };
 use crate::telemetry::Metrics;
 use crate::time::Millis;
@@ -463,32 +465,43 @@ impl<'a> Loader<'a> {
             }
             return;
         }
-        let (
-            Snapshot {
-                rules,
-                positions,
-                mut state,
-            },
-            encoded,
-        ) = match decode_snapshot(value) {
-            Ok(decoded) => decoded,
-            Err(err) => {
-                tracing::warn!(error = %err, customer = key, offset, "Unreadable changelog record; the customer's previous state is kept.");
-                return;
-            }
+        let unreadable = |err: DecodeError| {
+            tracing::warn!(error = %err, customer = key, offset, "Unreadable changelog record; the customer's previous state is kept.");
+        };
+        let record = match read_record(value) {
+            Ok(record) => record,
+            Err(err) => return unreadable(err),
         };
         // The most advanced state wins, not the last written: an instance that lost its
         // partition without noticing (a broker's group hiccup) may still have written an
         // older one after its successor's newer ones.
-        let progress: i64 = positions.iter().map(|(_, position)| *position).sum();
-        let kept = match self.kept.get_mut(key) {
-            Some(kept) if kept.0 > progress => return,
-            Some(kept) => kept,
-            None => self.kept.entry(key.into()).or_insert((progress, None)),
+        let progress: i64 = record.positions.iter().map(|(_, position)| *position).sum();
+        if self.kept.get(key).is_some_and(|kept| kept.0 > progress) {
+            return;
+        }
+        // A record of these rules is kept encoded as it is; others are decoded (and
+        // translated).
+        let segments = self.engine.rules().segments.len();
+        let prepared = match &record.summary {
+            Some(summary)
+                if record.rules == self.engine.rules().fingerprint
+                    && summary.segments.iter().all(|&s| usize::from(s) < segments) =>
+            {
+                Prepared::Encoded(summary)
+            }
+            _ => match decode_state(record.state) {
+                Ok(mut state) => {
+                    let translated =
+                        self.translator.translate(record.rules, &mut state) != Translation::Same;
+                    state.partition = self.number;
+                    Prepared::Decoded(Box::new(state), translated)
+                }
+                Err(err) => return unreadable(err),
+            },
         };
+        let kept = self.kept.entry(key.into()).or_insert((progress, None));
         kept.0 = progress;
-        let translated = self.translator.translate(rules, &mut state) != Translation::Same;
-        state.partition = self.number;
+        let positions = record.positions;
         let committed = &self.committed;
         let applied_ahead = positions.iter().any(|(topic, position)| {
             committed
@@ -501,9 +514,17 @@ impl<'a> Loader<'a> {
         } else {
             applied.remove(key);
         }
-        // Translated states changed: the record's encoding no longer describes them.
-        let encoded = (!translated).then_some(encoded);
-        kept.1 = self.engine.restore(key.into(), state, translated, encoded);
+        kept.1 = match prepared {
+            Prepared::Encoded(summary) => {
+                self.engine
+                    .restore_encoded(key.into(), self.number, summary, record.state)
+            }
+            // A translated state changed: the record's encoding no longer describes it.
+            Prepared::Decoded(state, translated) => {
+                let encoded = (!translated).then_some(record.state);
+                self.engine.restore(key.into(), *state, translated, encoded)
+            }
+        };
         self.restored.records += 1;
     }
 
@@ -517,6 +538,13 @@ impl<'a> Loader<'a> {
             .collect();
         self.restored
     }
+}
+
+/// A state record ready to restore: kept encoded (with its summary), or decoded (and
+/// whether it was translated from other rules).
+enum Prepared<'a> {
+    Encoded(&'a Summary),
+    Decoded(Box<CustomerState>, bool),
 }
 
 /// The key of restores' end markers: one key, so compaction keeps one marker.

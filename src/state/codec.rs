@@ -2,8 +2,11 @@
 //!
 //! A customer record is one version byte ([`FORMAT_VERSION`]) followed by a compact
 //! serde encoding (postcard: varints, no field names) of [`Snapshot`]: the fingerprint
-//! of the rules the state was built with, the input positions it includes, and the
-//! state itself. State refers to segments and rule slots by index, which only means
+//! of the rules the state was built with, the input positions it includes, a
+//! [`Summary`] (the pending timer and the segments: what a restore needs without
+//! decoding the state), and the state itself — whose bytes a restore keeps as they are
+//! for an idle customer ([`read_record`]). Version 1 records (no summary) are still
+//! read. State refers to segments and rule slots by index, which only means
 //! something under the same rules; so each set of rules is written once as a
 //! [`RulesDictionary`] (its segment ids and slot descriptions, in index order), and a
 //! state written under other rules is translated on restore: memberships by segment id,
@@ -20,7 +23,10 @@ use super::slots::SlotState;
 use crate::rules::RuleSet;
 
 /// The first byte of every record; bumped whenever the encoding changes incompatibly.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+
+/// Version 1: state records without a [`Summary`]; everything else as version 2.
+const VERSION_WITHOUT_SUMMARY: u8 = 1;
 
 /// Why a changelog record could not be read.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -45,8 +51,42 @@ pub struct Snapshot {
     /// the state includes: after a restart, the customer's events at or before it are
     /// already applied and are skipped.
     pub positions: Vec<(Box<str>, i64)>,
+    /// What a restore needs of the state without decoding it.
+    pub summary: Summary,
     /// The state.
     pub state: CustomerState,
+}
+
+/// The parts of a state a restore needs at once: the pending timer, and the segments
+/// (by index) for the member counts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The state's pending timer.
+    pub timer: Option<crate::time::Millis>,
+    /// The segments it is in, by index.
+    pub segments: Vec<u16>,
+}
+
+impl Summary {
+    /// The summary of `state`.
+    pub fn of(state: &CustomerState) -> Self {
+        Summary {
+            timer: state.timer,
+            segments: state.segments.iter().map(|m| m.segment).collect(),
+        }
+    }
+}
+
+impl Snapshot {
+    /// A record of `state`, built under the rules `rules`, including `positions`.
+    pub fn new(rules: u64, positions: Vec<(Box<str>, i64)>, state: CustomerState) -> Self {
+        Snapshot {
+            rules,
+            positions,
+            summary: Summary::of(&state),
+            state,
+        }
+    }
 }
 
 /// What the indexes in states written under one set of rules mean.
@@ -89,40 +129,58 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// of the reference rules.
 const ENCODED_CAPACITY: usize = 512;
 
-/// Decodes a record written by [`encode`].
+/// Decodes a record written by [`encode`] (a rules dictionary, or a state record of
+/// this version; [`read_record`] reads state records of every version).
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != VERSION_WITHOUT_SUMMARY {
         return Err(DecodeError::Version(version));
     }
-    postcard::from_bytes(body).map_err(|err| DecodeError::Corrupt(err.to_string()))
+    postcard::from_bytes(body).map_err(corrupt)
 }
 
-/// The fields of a [`Snapshot`] before its state, for [`decode_snapshot`].
-#[derive(Deserialize)]
-struct SnapshotHeader {
-    rules: u64,
-    positions: Vec<(Box<str>, i64)>,
+fn corrupt(err: postcard::Error) -> DecodeError {
+    DecodeError::Corrupt(err.to_string())
 }
 
-/// Decodes a [`Snapshot`] record, and returns with it the state's own encoding (the
-/// record's tail: postcard writes a struct's fields one after the other), which the
-/// store keeps as an idle customer without encoding the state again.
-pub fn decode_snapshot(bytes: &[u8]) -> Result<(Snapshot, &[u8]), DecodeError> {
+/// A state record read up to its state.
+#[derive(Debug, PartialEq)]
+pub struct Record<'a> {
+    /// [`Snapshot::rules`].
+    pub rules: u64,
+    /// [`Snapshot::positions`].
+    pub positions: Vec<(Box<str>, i64)>,
+    /// [`Snapshot::summary`]; `None` in a version 1 record.
+    pub summary: Option<Summary>,
+    /// The state's own encoding (the record's tail: postcard writes a struct's fields one
+    /// after the other), for [`decode_state`] — or to keep as an idle customer as is.
+    pub state: &'a [u8],
+}
+
+/// Reads a state record of any version up to its state, which stays encoded.
+pub fn read_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if version != FORMAT_VERSION {
-        return Err(DecodeError::Version(version));
-    }
-    let corrupt = |err: postcard::Error| DecodeError::Corrupt(err.to_string());
-    let (header, encoded_state): (SnapshotHeader, _) =
-        postcard::take_from_bytes(body).map_err(corrupt)?;
-    let state = postcard::from_bytes(encoded_state).map_err(corrupt)?;
-    let snapshot = Snapshot {
-        rules: header.rules,
-        positions: header.positions,
-        state,
+    let (rules, rest) = postcard::take_from_bytes::<u64>(body).map_err(corrupt)?;
+    let (positions, rest) = postcard::take_from_bytes(rest).map_err(corrupt)?;
+    let (summary, state) = match version {
+        FORMAT_VERSION => {
+            let (summary, state) = postcard::take_from_bytes(rest).map_err(corrupt)?;
+            (Some(summary), state)
+        }
+        VERSION_WITHOUT_SUMMARY => (None, rest),
+        other => return Err(DecodeError::Version(other)),
     };
-    Ok((snapshot, encoded_state))
+    Ok(Record {
+        rules,
+        positions,
+        summary,
+        state,
+    })
+}
+
+/// Decodes a state's own encoding ([`Record::state`], or an idle customer's).
+pub fn decode_state(bytes: &[u8]) -> Result<CustomerState, DecodeError> {
+    postcard::from_bytes(bytes).map_err(corrupt)
 }
 
 /// Translates states written under other rules to the current ones.
@@ -271,16 +329,32 @@ mod tests {
         let states = generated_states(rules);
         assert!(states.len() > 200);
         for (id, state) in states {
-            let snapshot = Snapshot {
-                rules: fingerprint,
-                positions: vec![("clickstream".into(), 41), ("purchases".into(), -1)],
-                state,
-            };
+            let positions = vec![("clickstream".into(), 41), ("purchases".into(), -1)];
+            let snapshot = Snapshot::new(fingerprint, positions.clone(), state);
             let bytes = encode(&snapshot);
             assert_eq!(bytes[0], FORMAT_VERSION);
             let back: Snapshot = decode(&bytes).unwrap_or_else(|e| panic!("{id}: {e}"));
             assert_eq!(back, snapshot, "{id}");
+            // Read without decoding the state: the summary, and the state's own bytes.
+            let record = read_record(&bytes).unwrap();
+            assert_eq!(record.summary.as_ref(), Some(&snapshot.summary));
+            assert_eq!((record.rules, &record.positions), (fingerprint, &positions));
+            assert_eq!(decode_state(record.state).unwrap(), snapshot.state, "{id}");
         }
+    }
+
+    #[test]
+    fn version_1_records_are_still_read() {
+        let (id, state) = generated_states(reference_rules()).remove(0);
+        let positions: Vec<(Box<str>, i64)> = vec![("clickstream".into(), 9)];
+        let mut bytes = vec![VERSION_WITHOUT_SUMMARY];
+        bytes = postcard::to_extend(&(5u64, &positions, &state), bytes).unwrap();
+        let record = read_record(&bytes).unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert_eq!(
+            (record.rules, record.positions, record.summary),
+            (5, positions, None)
+        );
+        assert_eq!(decode_state(record.state).unwrap(), state);
     }
 
     #[test]
@@ -288,14 +362,7 @@ mod tests {
         let states = generated_states(reference_rules());
         let total: usize = states
             .iter()
-            .map(|(_, state)| {
-                encode(&Snapshot {
-                    rules: 1,
-                    positions: vec![],
-                    state: state.clone(),
-                })
-                .len()
-            })
+            .map(|(_, state)| encode(&Snapshot::new(1, vec![], state.clone())).len())
             .sum();
         let json: usize = states
             .iter()
@@ -308,11 +375,11 @@ mod tests {
     #[test]
     fn truncated_corrupt_and_future_records_are_errors_not_panics() {
         let states = generated_states(reference_rules());
-        let bytes = encode(&Snapshot {
-            rules: 7,
-            positions: vec![("t".into(), 3)],
-            state: states[0].1.clone(),
-        });
+        let bytes = encode(&Snapshot::new(
+            7,
+            vec![("t".into(), 3)],
+            states[0].1.clone(),
+        ));
         assert_eq!(decode::<Snapshot>(&[]), Err(DecodeError::Empty));
         let mut future = bytes.clone();
         future[0] = FORMAT_VERSION + 1;
@@ -322,6 +389,8 @@ mod tests {
         ));
         for cut in 1..bytes.len() {
             assert!(decode::<Snapshot>(&bytes[..cut]).is_err(), "cut at {cut}");
+            let read = read_record(&bytes[..cut]).and_then(|r| decode_state(r.state));
+            assert!(read.is_err(), "cut at {cut}");
         }
         // Arbitrary bytes after a valid version byte: an error or some state, never a panic.
         let mut noise = bytes.clone();
@@ -329,6 +398,7 @@ mod tests {
             *byte = byte.wrapping_mul(31).wrapping_add(i as u8);
         }
         let _ = decode::<Snapshot>(&noise);
+        let _ = read_record(&noise).and_then(|r| decode_state(r.state));
     }
 
     #[test]

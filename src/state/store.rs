@@ -76,11 +76,17 @@ fn encode_idle(state: &CustomerState) -> Box<[u8]> {
         .into_boxed_slice()
 }
 
-/// Decodes an idle customer written by [`encode_idle`].
+/// Decodes an idle customer (written by [`encode_idle`], or a changelog record's state
+/// bytes). Bytes that do not decode — only a corrupt or hostile changelog record can
+/// hold them — give an empty state, logged: the customer starts again rather than the
+/// process stopping.
 fn decode_idle(bytes: &[u8]) -> CustomerState {
-    let mut state: CustomerState = postcard::from_bytes(&bytes[4..])
-        .expect("an idle state decodes: this module encoded it in this process");
-    state.partition = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let partition = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let mut state = super::codec::decode_state(&bytes[4..]).unwrap_or_else(|err| {
+        tracing::error!(error = %err, partition, "A restored customer's state does not decode; it starts again empty.");
+        CustomerState::default()
+    });
+    state.partition = partition;
     state
 }
 
@@ -149,24 +155,29 @@ impl CustomerStore {
     }
 
     /// Puts `state` in the store idle (a restored customer: most stay quiet for a while),
-    /// replacing (and returning) any previous one. `encoded`, if given, is the state's
-    /// postcard encoding (a changelog record's tail), used instead of encoding it again.
-    pub fn insert_idle(
+    /// replacing (and returning) any previous one.
+    pub fn insert_idle(&self, id: Box<str>, state: &CustomerState) -> Option<CustomerState> {
+        self.map
+            .insert(id, Stored::Idle(encode_idle(state)))
+            .map(into_state)
+    }
+
+    /// Puts a customer in the store idle as `encoded` — a state's postcard encoding (a
+    /// changelog record's tail), not decoded here — of input partition `partition`,
+    /// replacing (and returning) any previous one. Bytes that do not decode are found out
+    /// at the customer's next use, which then starts from an empty state.
+    pub fn insert_encoded(
         &self,
         id: Box<str>,
-        state: &CustomerState,
-        encoded: Option<&[u8]>,
+        partition: i32,
+        encoded: &[u8],
     ) -> Option<CustomerState> {
-        let bytes = match encoded {
-            Some(encoded) => {
-                let mut bytes = Vec::with_capacity(4 + encoded.len());
-                bytes.extend_from_slice(&state.partition.to_le_bytes());
-                bytes.extend_from_slice(encoded);
-                bytes.into_boxed_slice()
-            }
-            None => encode_idle(state),
-        };
-        self.map.insert(id, Stored::Idle(bytes)).map(into_state)
+        let mut bytes = Vec::with_capacity(4 + encoded.len());
+        bytes.extend_from_slice(&partition.to_le_bytes());
+        bytes.extend_from_slice(encoded);
+        self.map
+            .insert(id, Stored::Idle(bytes.into_boxed_slice()))
+            .map(into_state)
     }
 
     /// Calls `read` with the customer's state, if known (an idle one is decoded for the
@@ -309,14 +320,17 @@ mod tests {
     fn partitions_are_dropped_idle_or_not() {
         let store = CustomerStore::new();
         store.insert("a".into(), state(1, 1));
-        store.insert_idle("b".into(), &state(1, 2), None);
+        store.insert_idle("b".into(), &state(1, 2));
         let encoded = postcard::to_allocvec(&state(2, 4)).unwrap();
-        store.insert_idle("d".into(), &state(2, 4), Some(&encoded));
+        store.insert_encoded("d".into(), 2, &encoded);
         assert_eq!(store.read("d", Clone::clone), Some(state(2, 4)));
+        // Bytes that do not decode: an empty state, not a panic.
+        store.insert_encoded("e".into(), 2, &[0xff; 7]);
+        assert_eq!(store.get_mut("e").unwrap().customer.events, 0);
         store.insert("c".into(), state(2, 3));
         let mut seen = Vec::new();
         let dropped = store.drop_partitions(|p| p == 1, |s| seen.push(s.customer.events));
         seen.sort();
-        assert_eq!((dropped, seen, store.len()), (2, vec![1, 2], 2));
+        assert_eq!((dropped, seen, store.len()), (2, vec![1, 2], 3));
     }
 }
