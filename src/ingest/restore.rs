@@ -183,7 +183,11 @@ impl Restorer {
             .set("group.id", format!("{}.restore", config.kafka.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", "10")
+            // A restore reads a backlog: large fetches (a broker may otherwise answer each
+            // fetch with one small batch as soon as it has any).
+            .set("fetch.min.bytes", "1048576")
+            .set("max.partition.fetch.bytes", "8388608");
         let mut producer = ClientConfig::new();
         producer.set("bootstrap.servers", &config.kafka.brokers);
         for (key, value) in &config.kafka.producer {
