@@ -118,7 +118,7 @@ impl IngestContext {
                     Err("the changelog checkpoint was not acknowledged in time".to_owned())
                 }
             });
-        transactions.commit(consumer.group_metadata(), prepared)
+        transactions.commit(producer, consumer.group_metadata(), prepared)
     }
 
     /// The group's assignment of the first input topic, with the same partition numbers

@@ -210,7 +210,7 @@ pub async fn run(
     }
     if let Some(transactions) = &transactions {
         let (transactions, producer) = (transactions.clone(), producer.clone());
-        tokio::task::spawn_blocking(move || transactions.start(producer))
+        tokio::task::spawn_blocking(move || transactions.start(&producer))
             .await
             .map_err(|err| ServiceError::Task(err.to_string()))?
             .map_err(ServiceError::Transactions)?;
@@ -350,7 +350,7 @@ pub async fn run(
                         }
                     }
                     // Fetched before a rewind: read again from the committed offset.
-                    let stale = pipeline.is_rewinding(message.partition());
+                    let stale = transactions.is_some() && pipeline.is_rewinding(message.partition());
                     // A message of a partition still restoring (fetched before it was
                     // paused) waits for the restore.
                     while pipeline.is_restoring(message.partition()) {

@@ -26,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -59,8 +59,6 @@ pub enum TransactionFailure {
 pub struct Transactions {
     /// The transactional id (for log lines and errors).
     id: String,
-    /// The producer, set once created (after the consumer, like the changelog's).
-    producer: OnceLock<Arc<ThreadedProducer<Acknowledger>>>,
     /// Input offsets completed since the last commit (the last completed message per
     /// partition), committed with the next transaction.
     pending: Mutex<BTreeMap<PartitionKey, i64>>,
@@ -81,7 +79,6 @@ impl Transactions {
     pub fn new(id: &str, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Transactions {
             id: id.to_owned(),
-            producer: OnceLock::new(),
             pending: Mutex::default(),
             poisoned: AtomicBool::new(false),
             rewind: AtomicBool::new(false),
@@ -90,13 +87,12 @@ impl Transactions {
         })
     }
 
-    /// Takes the transactional producer: registers the id with the brokers (fencing any
-    /// older producer with it and aborting its open transaction) and opens the first
-    /// transaction. Blocking.
-    pub fn start(&self, producer: Arc<ThreadedProducer<Acknowledger>>) -> Result<(), KafkaError> {
+    /// Registers the id with the brokers through `producer` (fencing any older producer
+    /// with it and aborting its open transaction) and opens the first transaction.
+    /// Blocking.
+    pub fn start(&self, producer: &ThreadedProducer<Acknowledger>) -> Result<(), KafkaError> {
         producer.init_transactions(TRANSACTION_TIMEOUT)?;
         producer.begin_transaction()?;
-        let _ = self.producer.set(producer);
         tracing::info!(transactional_id = %self.id, "Transactions started.");
         Ok(())
     }
@@ -135,19 +131,17 @@ impl Transactions {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Commits the open transaction with the stored offsets, in `group`'s generation (so
-    /// that a member the group has replaced cannot commit), and opens the next one —
-    /// unless `prepared` says why it cannot (its checkpoint failed). On an abortable
-    /// failure the transaction is aborted and the next one opened; the caller must then
-    /// rewind. Blocking.
+    /// Commits `producer`'s open transaction with the stored offsets, in `group`'s
+    /// generation (so that a member the group has replaced cannot commit), and opens the
+    /// next one — unless `prepared` says why it cannot (its checkpoint failed). On an
+    /// abortable failure the transaction is aborted and the next one opened; the caller
+    /// must then rewind. Blocking.
     pub fn commit(
         &self,
+        producer: &ThreadedProducer<Acknowledger>,
         group: Option<ConsumerGroupMetadata>,
         prepared: Result<(), String>,
     ) -> Result<(), TransactionFailure> {
-        let Some(producer) = self.producer.get() else {
-            return Ok(());
-        };
         let offsets = {
             let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let completed: Vec<(PartitionKey, i64)> =
