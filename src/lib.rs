@@ -9,7 +9,8 @@
 //! - [`config`]: the one config tree, from TOML with environment overrides.
 //! - [`event`]: input formats (native, Segment spec) → one typed event, parsed through a
 //!   JSON document that borrows from the payload.
-//! - [`state`]: per-customer state, sliding windows, the concurrent customer store.
+//! - [`state`]: per-customer state, sliding windows, the concurrent customer store
+//!   (idle customers held encoded), the changelog's encoding.
 //! - [`rules`]: the rule language: parse, type-check, compile, evaluate, and when a rule
 //!   can next change with time alone.
 //! - [`time`]: timestamps and durations, partition watermarks, the timer wheel, the wall
@@ -17,7 +18,7 @@
 //! - [`engine`]: one event in, segment changes out; pure.
 //! - [`emit`]: segment-change records, the producer, dead letters.
 //! - [`ingest`]: the Kafka consumer loop, offsets, changelog and restores, exactly-once
-//!   transactions, shutdown.
+//!   transactions, re-keying, the store's sweeper, shutdown.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, customer and segment lookups.
 //! - [`telemetry`]: every metric, in one place.
 //! - [`generate`]: realistic synthetic shop traffic and rule sets of any size (demo,
