@@ -9,9 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    INPUT, OUTPUT, Service, TRAFFIC_START, changes_by_customer, embedded_broker,
-    generated_messages, http_get, producer, read_records, read_unique_changes, replay_changes,
-    test_config, wait_for,
+    INPUT, OUTPUT, Scenario, Service, changes_by_customer, embedded_broker, http_get, producer,
+    read_records, read_unique_changes, scenario, test_config, wait_for,
 };
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use segmentd::config::{Config, DeliveryMode};
@@ -41,10 +40,12 @@ async fn exactly_once_publishes_each_change_once() {
     let mock = embedded_broker(1, 4);
     let brokers = mock.bootstrap_servers();
     let config = exactly_once_config(&brokers, "eos-run", "eos-run-1");
-    let messages = generated_messages(5, 60, 2_000);
-    let until = TRAFFIC_START + 2_000 * 20_000 + 100 * segmentd::time::DAY;
-    let (expected, _) = replay_changes(&config, &messages, until);
-    let total: usize = expected.values().map(Vec::len).sum();
+    let Scenario {
+        messages,
+        until,
+        expected,
+        total,
+    } = scenario(&config, 5, 60, 2_000);
 
     let clock = segmentd::time::WallClock::manual(0);
     let service = Service::start_with_clock(config.clone(), clock.clone()).await;
@@ -130,10 +131,12 @@ async fn an_aborted_transaction_rewinds_and_loses_nothing() {
     let mock = embedded_broker(1, 2);
     let brokers = mock.bootstrap_servers();
     let config = exactly_once_config(&brokers, "eos-abort", "eos-abort-1");
-    let messages = generated_messages(9, 40, 1_500);
-    let until = TRAFFIC_START + 1_500 * 20_000 + 100 * segmentd::time::DAY;
-    let (expected, _) = replay_changes(&config, &messages, until);
-    let total: usize = expected.values().map(Vec::len).sum();
+    let Scenario {
+        messages,
+        until,
+        expected,
+        total,
+    } = scenario(&config, 9, 40, 1_500);
 
     let clock = segmentd::time::WallClock::manual(0);
     let service = Service::start_with_clock(config.clone(), clock.clone()).await;

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{
-    DEAD, OUTPUT, Service, TRAFFIC_START, changes_by_customer, embedded_broker, generated_messages,
-    partition_size, producer, read_records, replay_changes, test_config, wait_for,
+    DEAD, OUTPUT, Scenario, Service, changes_by_customer, embedded_broker, partition_size,
+    producer, read_records, scenario, test_config, wait_for,
 };
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -100,10 +100,12 @@ async fn a_topic_not_keyed_by_customer_is_rekeyed_through_the_internal_topic() {
     config.kafka.rekey_topics = vec![BY_SESSION.to_owned()];
     config.kafka.rekeyed_topic = REKEYED.to_owned();
 
-    let messages = generated_messages(4, 50, 1_500);
-    let until = TRAFFIC_START + 1_500 * 20_000 + 100 * segmentd::time::DAY;
-    let (expected, _) = replay_changes(&config, &messages, until);
-    let total: usize = expected.values().map(Vec::len).sum();
+    let Scenario {
+        messages,
+        until,
+        expected,
+        total,
+    } = scenario(&config, 4, 50, 1_500);
     let invalid = messages
         .iter()
         .filter(|m| segmentd::event::parse_event(&m.payload, 1 << 20).is_err())

@@ -597,6 +597,34 @@ pub fn replay_changes(
     (expected, replay)
 }
 
+/// Generated traffic, and what one uninterrupted `replay` of it publishes with time run
+/// on 100 days past it (so that every timer fires).
+pub struct Scenario {
+    /// The traffic, one message every 20 s of event time from [`TRAFFIC_START`].
+    pub messages: Vec<segmentd::generate::Generated>,
+    /// Where time is run on to.
+    pub until: i64,
+    /// The changes per customer.
+    pub expected: BTreeMap<String, Vec<String>>,
+    /// How many changes in all.
+    pub total: usize,
+}
+
+/// The [`Scenario`] of `count` generated messages (seed `seed`, `customers` ids) under
+/// `config`'s rules.
+pub fn scenario(config: &Config, seed: u64, customers: u32, count: i64) -> Scenario {
+    let messages = generated_messages(seed, customers, count);
+    let until = TRAFFIC_START + count * 20_000 + 100 * segmentd::time::DAY;
+    let (expected, _) = replay_changes(config, &messages, until);
+    let total = expected.values().map(Vec::len).sum();
+    Scenario {
+        messages,
+        until,
+        expected,
+        total,
+    }
+}
+
 /// Output records per customer in the order published, each change once (at-least-once
 /// delivery may repeat a change after a restart: a repeat carries the same `id`).
 pub fn changes_by_customer(records: &[Record]) -> BTreeMap<String, Vec<String>> {
