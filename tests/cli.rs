@@ -37,6 +37,11 @@ fn check_describes_the_reference_rules() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("OK, 8 segments"), "{stdout}");
+    assert!(stdout.contains("delivery: at_least_once"), "{stdout}");
+    assert!(
+        stdout.contains("state: changelog segmentd-changelog, idle customers encoded after 30s"),
+        "{stdout}"
+    );
     assert!(stdout.contains("segment vip_mobile_de"));
     assert!(stdout.contains("reads segments: high_value"));
     assert!(

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{Config, DeliveryMode};
 use crate::rules::compile::BUILTIN_TYPES;
 use crate::rules::{CompiledRule, RuleSet};
 use crate::time::format_duration;
@@ -35,6 +35,32 @@ pub fn describe(config: &Config, rules: &RuleSet) -> String {
         k.input_topics.join(", "),
         k.output_topic,
         k.dead_letter_topic
+    );
+    if !k.rekey_topics.is_empty() {
+        let _ = writeln!(
+            out,
+            "re-keys: {} through {}",
+            k.rekey_topics.join(", "),
+            k.rekeyed_topic
+        );
+    }
+    let _ = match config.delivery.mode {
+        DeliveryMode::AtLeastOnce => writeln!(out, "delivery: at_least_once"),
+        DeliveryMode::ExactlyOnce => writeln!(
+            out,
+            "delivery: exactly_once, transactional id {}",
+            config.transactional_id()
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "state: changelog {}, idle customers encoded after {}",
+        if k.changelog_topic.is_empty() {
+            "(none: in memory only)"
+        } else {
+            &k.changelog_topic
+        },
+        format_duration(config.state.idle_after.millis())
     );
     let _ = writeln!(out, "http: {}\n", config.http.listen);
     for segment in &rules.segments {
