@@ -503,7 +503,11 @@ impl<'a> Loader<'a> {
                 Err(err) => return unreadable(err),
             },
         };
-        let kept = self.kept.entry(key.into()).or_insert((progress, None));
+        // The key is copied only for a customer not seen before in this restore.
+        let kept = match self.kept.get_mut(key) {
+            Some(kept) => kept,
+            None => self.kept.entry(key.into()).or_insert((progress, None)),
+        };
         kept.0 = progress;
         let positions = record.positions;
         let committed = &self.committed;

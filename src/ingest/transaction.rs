@@ -158,19 +158,7 @@ impl Transactions {
                 .and_then(|()| commit_once(producer, &offsets, group))
         };
         match result {
-            Ok(()) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
-                self.metrics
-                    .transactions
-                    .with_label_values(&["committed"])
-                    .inc();
-                producer
-                    .begin_transaction()
-                    .map_err(TransactionFailure::Fatal)
-            }
+            Ok(()) => self.next(producer, "committed"),
             Err(TransactionFailure::Aborted(reason)) => {
                 tracing::warn!(transactional_id = %self.id, reason = %reason, "Aborting the transaction; rewinding to the last commit.");
                 self.abort(producer)?;
@@ -188,15 +176,22 @@ impl Transactions {
         producer
             .abort_transaction(TRANSACTION_TIMEOUT)
             .map_err(TransactionFailure::Fatal)?;
+        self.poisoned.store(false, Ordering::Relaxed);
+        self.next(producer, "aborted")
+    }
+
+    /// After a transaction ended (`result`: committed or aborted): counts it, forgets its
+    /// offsets and opens the next one.
+    fn next(
+        &self,
+        producer: &ThreadedProducer<Acknowledger>,
+        result: &str,
+    ) -> Result<(), TransactionFailure> {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.poisoned.store(false, Ordering::Relaxed);
-        self.metrics
-            .transactions
-            .with_label_values(&["aborted"])
-            .inc();
+        self.metrics.transactions.with_label_values(&[result]).inc();
         producer
             .begin_transaction()
             .map_err(TransactionFailure::Fatal)

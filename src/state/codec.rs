@@ -127,7 +127,7 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Initial capacity of an encoded record: above the ~265 bytes of an average customer
 /// of the reference rules.
-const ENCODED_CAPACITY: usize = 512;
+pub const ENCODED_CAPACITY: usize = 512;
 
 /// Decodes a record written by [`encode`] (a rules dictionary, or a state record of
 /// this version; [`read_record`] reads state records of every version).

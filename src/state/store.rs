@@ -69,7 +69,10 @@ impl Stored {
 
 /// An idle customer's encoding.
 fn encode_idle(state: &CustomerState) -> Box<[u8]> {
-    let bytes = state.partition.to_le_bytes().to_vec();
+    // Sized like a changelog record, so the buffer rarely grows while written; the box
+    // then keeps the exact length.
+    let mut bytes = Vec::with_capacity(super::codec::ENCODED_CAPACITY);
+    bytes.extend_from_slice(&state.partition.to_le_bytes());
     // Plain structs, vectors, strings and numbers: serializing them cannot fail.
     postcard::to_extend(state, bytes)
         .expect("state types always serialize")
