@@ -47,9 +47,7 @@ async fn state_moves_with_its_partition_and_survives_a_restart() {
 
     let producer = producer(&brokers);
     let send_part = async |part: std::ops::Range<usize>| {
-        for message in &messages[part.clone()] {
-            common::produce(&producer, INPUT, Some(&message.key), &message.payload).await;
-        }
+        common::produce_generated(&producer, INPUT, &messages[part.clone()]).await;
         wait_for(
             "the part processed and committed",
             Duration::from_secs(60),

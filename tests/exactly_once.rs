@@ -51,9 +51,7 @@ async fn exactly_once_publishes_each_change_once() {
     let service = Service::start_with_clock(config.clone(), clock.clone()).await;
     service.ready().await;
     let producer = producer(&brokers);
-    for message in &messages {
-        common::produce(&producer, INPUT, Some(&message.key), &message.payload).await;
-    }
+    common::produce_generated(&producer, INPUT, &messages).await;
     // Every valid message applied (or recognised as a repeat) before the clock moves: a
     // partition is idle only once its last message is behind it.
     let valid = messages
@@ -143,9 +141,7 @@ async fn an_aborted_transaction_rewinds_and_loses_nothing() {
     service.ready().await;
     let producer = producer(&brokers);
     let (first, second) = messages.split_at(messages.len() / 2);
-    for message in first {
-        common::produce(&producer, INPUT, Some(&message.key), &message.payload).await;
-    }
+    common::produce_generated(&producer, INPUT, first).await;
     let restores = metric(&service, "segmentd_state_restore_seconds_count").await;
     // The next commit fails with an error that leaves the transaction abortable.
     mock.request_errors(
@@ -171,9 +167,7 @@ async fn an_aborted_transaction_rewinds_and_loses_nothing() {
         },
     )
     .await;
-    for message in second {
-        common::produce(&producer, INPUT, Some(&message.key), &message.payload).await;
-    }
+    common::produce_generated(&producer, INPUT, second).await;
     let committed_after = metric(
         &service,
         "segmentd_transactions_total{result=\"committed\"}",

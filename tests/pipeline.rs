@@ -155,9 +155,7 @@ async fn run_on_partitions_equals_replay() {
     let clock = segmentd::time::WallClock::manual(0);
     let service = Service::start_with_clock(config.clone(), clock.clone()).await;
     let producer = producer(&brokers);
-    for message in &messages {
-        common::produce(&producer, INPUT, Some(&message.key), &message.payload).await;
-    }
+    common::produce_generated(&producer, INPUT, &messages).await;
     // Every message processed (its offset committed) before the clock moves: a partition
     // is idle only once its last message is behind it.
     wait_for(

@@ -211,6 +211,18 @@ pub async fn produce(producer: &FutureProducer, topic: &str, key: Option<&str>, 
         .expect("produced");
 }
 
+/// Produces generated `messages` to `topic`, each keyed by its customer id, one after the
+/// other (each acknowledged before the next: the topic holds them in order).
+pub async fn produce_generated(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: &[segmentd::generate::Generated],
+) {
+    for message in messages {
+        produce(producer, topic, Some(&message.key), &message.payload).await;
+    }
+}
+
 /// A record read back from a topic.
 #[derive(Clone, Debug)]
 pub struct Record {
