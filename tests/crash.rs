@@ -142,6 +142,77 @@ async fn a_killed_instance_restarts_where_it_left_off() {
     crash_run(1, &["kill"]).await;
 }
 
+/// Proves that an offset is committed only once the states including its message are in
+/// the changelog, also for events that change no segment (they complete without any
+/// output to wait for): with checkpoints an hour apart and auto-commit every 10 ms, one
+/// customer's 40 page views are applied, nothing is committed, and after `kill -9` the
+/// restarted instance reads them again — the customer's state counts all 40.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_offset_is_committed_ahead_of_the_stored_states() {
+    const VIEWS: u64 = 40;
+    let dir = std::env::temp_dir().join(format!("segmentd-uncommitted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_tansu, brokers) = start_tansu(&dir.join("tansu.log")).await;
+    create_topics(&brokers, &[(INPUT, 1), (OUTPUT, 1), (DEAD, 1)]).await;
+    let config_path = dir.join("segmentd.toml");
+    let text = config_text(&brokers)
+        .replace("commit_interval = \"200ms\"", "commit_interval = \"1h\"")
+        .replace(
+            "[kafka.consumer]\n",
+            "[kafka.consumer]\n\"auto.commit.interval.ms\" = \"10\"\n",
+        );
+    std::fs::write(&config_path, text).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for i in 0..VIEWS {
+        let json = format!(
+            r#"{{"event_id":"v-{i}","type":"page_view","customer_id":"quiet","ts":{}}}"#,
+            TRAFFIC_START + i as i64 * 1_000
+        );
+        producer
+            .send(
+                FutureRecord::to(INPUT).key("quiet").payload(&json),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("produced");
+    }
+    let events_of_quiet = async |http: SocketAddr| {
+        let (status, body) = http_get(http, "/customers/quiet").await;
+        (status == 200)
+            .then(|| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .flatten()
+            .and_then(|v| v["state"]["customer"]["events"].as_u64())
+    };
+
+    let first = Instance::start(&config_path, &dir, "i0");
+    let http = first.http;
+    wait_for(
+        "the page views applied",
+        Duration::from_secs(60),
+        async || (events_of_quiet(http).await == Some(VIEWS)).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        common::committed_offset(&brokers, GROUP, INPUT, 0),
+        None,
+        "an offset was committed while the changelog holds no state including it"
+    );
+    first.kill();
+
+    let second = Instance::start(&config_path, &dir, "i0");
+    let http = second.http;
+    wait_for(
+        "the restarted instance to count every page view",
+        Duration::from_secs(60),
+        async || (events_of_quiet(http).await == Some(VIEWS)).then_some(()),
+    )
+    .await;
+    second.terminate().await;
+}
+
 /// The same with three instances in one group, a fourth joining and leaving mid-stream.
 /// Ignored for now: with dynamic membership it passed 3 of 4 runs; the fourth
 /// (`CRASH_SEED=1795684057218667207`, which fails again when repeated) ended with some
@@ -362,19 +433,17 @@ async fn crash_run(base: usize, kinds: &[&str]) {
         .collect();
     if let Some(customer) = mismatched.first() {
         dump_changelog(&brokers, customer);
+        print_warnings(&dir);
     }
     assert!(
         mismatched.is_empty(),
-        "CRASH_SEED={seed}, faults {events:?}: {} customers differ: {}",
+        "CRASH_SEED={seed}, faults {events:?} (logs in {}): {} customers differ:{}",
+        dir.display(),
         mismatched.len(),
         mismatched
             .iter()
-            .take(5)
-            .map(|c| format!(
-                "\n{c}: expected {:#?}\ngot {:#?}",
-                expected.get(*c),
-                actual.get(*c)
-            ))
+            .take(8)
+            .map(|c| divergence(c, expected.get(*c), actual.get(*c)))
             .collect::<String>()
     );
     println!(
@@ -385,6 +454,45 @@ async fn crash_run(base: usize, kinds: &[&str]) {
     );
     for instance in instances.into_iter().flatten() {
         instance.terminate().await;
+    }
+}
+
+/// Where one customer's changes part from the replay's: the common length, then both
+/// remainders (short enough to survive a truncated CI log).
+fn divergence(customer: &str, expected: Option<&Vec<String>>, got: Option<&Vec<String>>) -> String {
+    let (expected, got) = (
+        expected.map_or(&[][..], Vec::as_slice),
+        got.map_or(&[][..], Vec::as_slice),
+    );
+    let common = expected.iter().zip(got).take_while(|(e, g)| e == g).count();
+    format!(
+        "\n{customer}: {common} equal of {} expected / {} got\n  expected then: {:?}\n  got then: {:?}",
+        expected.len(),
+        got.len(),
+        &expected[common..],
+        &got[common..]
+    )
+}
+
+/// Prints the instances' warnings and errors (a failed run's first clues).
+fn print_warnings(dir: &Path) {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "log") && !path.ends_with("tansu.log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(40)
+        {
+            println!("{}: {line}", log.display());
+        }
     }
 }
 
@@ -485,6 +593,39 @@ fn dump_changelog(brokers: &str, customer: &str) {
         }
         if !seqs.is_empty() {
             println!("output p{p} ({lo},{hi}): {seqs:?}");
+        }
+    }
+    // The customer's input messages: where each of its events sits.
+    for p in 0..PARTITIONS {
+        let (lo, hi) = c
+            .fetch_watermarks(INPUT, p, Duration::from_secs(5))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(INPUT, p, rdkafka::Offset::Offset(lo))
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut next = lo;
+        let mut events = Vec::new();
+        while next < hi {
+            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            next = m.offset() + 1;
+            if m.key() == Some(customer.as_bytes()) {
+                let event = segmentd::event::parse_event(m.payload().unwrap_or_default(), 1 << 20);
+                events.push(match event {
+                    Ok(e) => format!(
+                        "{}:{}@{}",
+                        m.offset(),
+                        e.event_type,
+                        segmentd::time::format_timestamp(e.ts)
+                    ),
+                    Err(_) => format!("{}:invalid", m.offset()),
+                });
+            }
+        }
+        if !events.is_empty() {
+            println!("input p{p} ({lo},{hi}): {events:?}");
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use super::changelog::{Changelog, TIMER_TOPIC};
 use super::consumer::IngestContext;
-use super::offsets::{OffsetTracker, PartitionKey};
+use super::offsets::{Completed, OffsetTracker, PartitionKey};
 use crate::telemetry::Metrics;
 
 /// What each produced record carries back to its delivery callback.
@@ -119,18 +119,37 @@ impl ProducerContext for Acknowledger {
         }
         let Some(offset) = ticket.offset else { return };
         let completed = self.tracker.acknowledged(&ticket.partition, offset);
-        if *ticket.partition.0 == *TIMER_TOPIC {
-            // Idle timers' changes: tracked so that checkpoints wait for them, but they
-            // answer to no input message (no latency, no offset).
-            return;
-        }
-        for latency in completed.latencies {
-            self.metrics.event_to_emit.observe(latency.as_secs_f64());
-        }
-        // With a changelog, offsets are stored by settled checkpoints instead.
-        if let (Some(offset), None) = (completed.store, &self.changelog) {
-            store(self.consumer.as_ref(), &ticket.partition, offset);
-        }
+        messages_completed(
+            self.consumer.as_ref(),
+            self.changelog.is_some(),
+            &self.metrics,
+            &ticket.partition,
+            completed,
+        );
+    }
+}
+
+/// Input messages of `partition` completed (their records, and every earlier message's,
+/// acknowledged): their latencies are observed and, without a changelog, the offset is
+/// stored. With a changelog it is not: settled checkpoints store offsets, so that a
+/// committed offset never runs ahead of the stored states (see [`super::changelog`]).
+pub fn messages_completed(
+    consumer: &impl Consumer<IngestContext>,
+    changelog: bool,
+    metrics: &Metrics,
+    partition: &PartitionKey,
+    completed: Completed,
+) {
+    if *partition.0 == *TIMER_TOPIC {
+        // Idle timers' changes: tracked so that checkpoints wait for them, but they
+        // answer to no input message (no latency, no offset).
+        return;
+    }
+    for latency in completed.latencies {
+        metrics.event_to_emit.observe(latency.as_secs_f64());
+    }
+    if let (Some(offset), false) = (completed.store, changelog) {
+        store(consumer, partition, offset);
     }
 }
 

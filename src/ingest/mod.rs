@@ -1059,12 +1059,13 @@ impl Pipeline {
             let completed = self
                 .tracker
                 .acknowledged(&event.tag.partition, event.tag.offset);
-            for latency in completed.latencies {
-                self.metrics.event_to_emit.observe(latency.as_secs_f64());
-            }
-            if let Some(done) = completed.store {
-                delivery::store(self.consumer.as_ref(), &event.tag.partition, done);
-            }
+            delivery::messages_completed(
+                self.consumer.as_ref(),
+                self.changelog.is_some(),
+                &self.metrics,
+                &event.tag.partition,
+                completed,
+            );
         }
         Ok(())
     }
