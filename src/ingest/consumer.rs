@@ -183,7 +183,13 @@ impl IngestContext {
     /// are acknowledged, write a last checkpoint of their customers and wait for it, then
     /// commit, so the next owner restores exactly what was applied and starts right
     /// after it. Their customers are then dropped.
-    fn revoke(&self, consumer: &BaseConsumer<Self>, numbers: &[i32]) {
+    ///
+    /// Partitions *lost* (the group gave them to another member without asking this one:
+    /// a missed session, a broker's hiccup) are only dropped: their new owner may already
+    /// be reading them, so neither their states nor their offsets are written from here —
+    /// a late write could put the group's position ahead of what the new owner restored.
+    /// The new owner re-reads from the last commit.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, numbers: &[i32], lost: bool) {
         let is_revoked = |key: &PartitionKey| numbers.contains(&key.1);
         if let Some(durable) = &self.durable {
             for &number in numbers {
@@ -191,16 +197,23 @@ impl IngestContext {
             }
         }
         super::abandon_held(&self.partitions, &self.tracker, is_revoked);
+        if lost {
+            tracing::warn!(partitions = ?numbers, "Partitions lost to another member: dropped without a last checkpoint or commit.");
+        }
         if let Some(transactions) = self.transactions() {
             // Exactly-once: one commit of everything (the revoked partitions' last states
             // and offsets, and what the others did in the open transaction), so that the
-            // next owner restores exactly what was committed.
+            // next owner restores exactly what was committed. Lost partitions' outputs
+            // must not become visible: the transaction is aborted, the rest rewound.
+            if lost {
+                transactions.poison();
+            }
             match self.commit_transaction(consumer) {
                 Ok(()) => {}
                 Err(TransactionFailure::Aborted(_)) => transactions.request_rewind(),
                 Err(TransactionFailure::Fatal(err)) => transactions.fail(err),
             }
-        } else {
+        } else if !lost {
             self.drain_and_commit(consumer, numbers);
         }
         self.tracker.release(is_revoked);
@@ -345,7 +358,7 @@ impl ConsumerContext for IngestContext {
                 tracing::info!(partitions = ?numbers, "Partitions assigned.");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.revoke(consumer, &numbers);
+                self.revoke(consumer, &numbers, consumer.assignment_lost());
                 let result = if cooperative {
                     consumer.incremental_unassign(&list)
                 } else {
