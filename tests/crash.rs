@@ -19,8 +19,9 @@ use common::{
     DEAD, INPUT, OUTPUT, TRAFFIC_START, changes_by_customer, committed_total, generated_messages,
     http_get, read_unique_changes, replay_changes, wait_for,
 };
-use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
 use segmentd::config::Config;
 use segmentd::time::DAY;
 
@@ -526,44 +527,30 @@ fn config_text(brokers: &str) -> String {
     text
 }
 
-/// Prints what the topics hold for `customer` (its changelog states with their
-/// positions, its output `seq`s with their offsets) and the committed offsets: what a
-/// failure needs to be understood.
+/// Prints, for a failed comparison, what the broker holds of `customer`: its changelog
+/// records, the group's committed offsets, its output records (offset, seq) and its input
+/// messages (offset, type, time).
 fn dump_changelog(brokers: &str, customer: &str) {
-    use rdkafka::Message;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = ClientConfig::new()
+    let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "dump")
         .create()
         .unwrap();
     for p in 0..PARTITIONS {
-        let (lo, hi) = c
-            .fetch_watermarks("segmentd-changelog", p, Duration::from_secs(5))
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset("segmentd-changelog", p, rdkafka::Offset::Offset(lo))
-            .unwrap();
-        c.assign(&tpl).unwrap();
-        let mut next = lo;
-        while next < hi {
-            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            next = m.offset() + 1;
-            if m.key() == Some(customer.as_bytes()) {
+        each_record_of(
+            &reader,
+            "segmentd-changelog",
+            p,
+            customer,
+            |offset, value| {
                 let snap: segmentd::state::codec::Snapshot =
-                    segmentd::state::codec::decode(m.payload().unwrap()).unwrap();
+                    segmentd::state::codec::decode(value).unwrap();
                 println!(
-                    "changelog p{p}@{}: positions {:?} seq {} events {} clock {}",
-                    m.offset(),
-                    snap.positions,
-                    snap.state.seq,
-                    snap.state.customer.events,
-                    snap.state.clock
+                    "changelog p{p}@{offset}: positions {:?} seq {} events {} clock {}",
+                    snap.positions, snap.state.seq, snap.state.customer.events, snap.state.clock
                 );
-            }
-        }
+            },
+        );
     }
     for p in 0..PARTITIONS {
         println!(
@@ -572,60 +559,57 @@ fn dump_changelog(brokers: &str, customer: &str) {
         );
     }
     for p in 0..PARTITIONS {
-        let (lo, hi) = c
-            .fetch_watermarks(OUTPUT, p, Duration::from_secs(5))
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(OUTPUT, p, rdkafka::Offset::Offset(lo))
-            .unwrap();
-        c.assign(&tpl).unwrap();
-        let mut next = lo;
         let mut seqs = Vec::new();
-        while next < hi {
-            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            next = m.offset() + 1;
-            if m.key() == Some(customer.as_bytes()) {
-                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-                seqs.push((m.offset(), v["seq"].as_u64().unwrap()));
-            }
-        }
+        each_record_of(&reader, OUTPUT, p, customer, |offset, value| {
+            let v: serde_json::Value = serde_json::from_slice(value).unwrap();
+            seqs.push((offset, v["seq"].as_u64().unwrap()));
+        });
         if !seqs.is_empty() {
-            println!("output p{p} ({lo},{hi}): {seqs:?}");
+            println!("output p{p}: {seqs:?}");
         }
     }
-    // The customer's input messages: where each of its events sits.
     for p in 0..PARTITIONS {
-        let (lo, hi) = c
-            .fetch_watermarks(INPUT, p, Duration::from_secs(5))
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(INPUT, p, rdkafka::Offset::Offset(lo))
-            .unwrap();
-        c.assign(&tpl).unwrap();
-        let mut next = lo;
         let mut events = Vec::new();
-        while next < hi {
-            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            next = m.offset() + 1;
-            if m.key() == Some(customer.as_bytes()) {
-                let event = segmentd::event::parse_event(m.payload().unwrap_or_default(), 1 << 20);
-                events.push(match event {
-                    Ok(e) => format!(
-                        "{}:{}@{}",
-                        m.offset(),
-                        e.event_type,
-                        segmentd::time::format_timestamp(e.ts)
-                    ),
-                    Err(_) => format!("{}:invalid", m.offset()),
-                });
-            }
-        }
+        each_record_of(&reader, INPUT, p, customer, |offset, value| {
+            events.push(match segmentd::event::parse_event(value, 1 << 20) {
+                Ok(e) => format!(
+                    "{offset}:{}@{}",
+                    e.event_type,
+                    segmentd::time::format_timestamp(e.ts)
+                ),
+                Err(_) => format!("{offset}:invalid"),
+            });
+        });
         if !events.is_empty() {
-            println!("input p{p} ({lo},{hi}): {events:?}");
+            println!("input p{p}: {events:?}");
+        }
+    }
+}
+
+/// Calls `visit` with (offset, value) of each record keyed `key` in partition `p` of
+/// `topic`, up to its high watermark.
+fn each_record_of(
+    reader: &BaseConsumer,
+    topic: &str,
+    p: i32,
+    key: &str,
+    mut visit: impl FnMut(i64, &[u8]),
+) {
+    let (lo, hi) = reader
+        .fetch_watermarks(topic, p, Duration::from_secs(5))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(lo))
+        .unwrap();
+    reader.assign(&tpl).unwrap();
+    let mut next = lo;
+    while next < hi {
+        let Some(Ok(m)) = reader.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        next = m.offset() + 1;
+        if m.key() == Some(key.as_bytes()) {
+            visit(m.offset(), m.payload().unwrap_or_default());
         }
     }
 }
