@@ -105,7 +105,8 @@ impl Transactions {
         *last = (*last).max(offset);
     }
 
-    /// Marks the open transaction as unable to commit (a record was refused).
+    /// Marks the open transaction as unable to commit (a record was refused, or partitions
+    /// were lost to another member).
     pub fn poison(&self) {
         self.poisoned.store(true, Ordering::Relaxed);
     }
@@ -150,7 +151,7 @@ impl Transactions {
         };
         let result = if self.poisoned.load(Ordering::Relaxed) {
             Err(TransactionFailure::Aborted(
-                "a record of the transaction was refused".into(),
+                "a record of the transaction was refused, or partitions were lost".into(),
             ))
         } else {
             prepared
