@@ -188,14 +188,15 @@ async fn no_offset_is_committed_ahead_of_the_stored_states() {
             .and_then(|v| v["state"]["customer"]["events"].as_u64())
     };
 
+    let every_view_counted = async |what: &str, http: SocketAddr| {
+        wait_for(what, Duration::from_secs(60), async || {
+            (events_of_quiet(http).await == Some(VIEWS)).then_some(())
+        })
+        .await
+    };
+
     let first = Instance::start(&config_path, &dir, "i0");
-    let http = first.http;
-    wait_for(
-        "the page views applied",
-        Duration::from_secs(60),
-        async || (events_of_quiet(http).await == Some(VIEWS)).then_some(()),
-    )
-    .await;
+    every_view_counted("the page views applied", first.http).await;
     assert_eq!(
         common::committed_offset(&brokers, GROUP, INPUT, 0),
         None,
@@ -204,11 +205,9 @@ async fn no_offset_is_committed_ahead_of_the_stored_states() {
     first.kill();
 
     let second = Instance::start(&config_path, &dir, "i0");
-    let http = second.http;
-    wait_for(
+    every_view_counted(
         "the restarted instance to count every page view",
-        Duration::from_secs(60),
-        async || (events_of_quiet(http).await == Some(VIEWS)).then_some(()),
+        second.http,
     )
     .await;
     second.terminate().await;
@@ -433,7 +432,7 @@ async fn crash_run(base: usize, kinds: &[&str]) {
         .filter(|c| expected.get(*c) != actual.get(*c))
         .collect();
     if let Some(customer) = mismatched.first() {
-        dump_changelog(&brokers, customer);
+        dump_customer(&brokers, customer);
         print_warnings(&dir);
     }
     assert!(
@@ -530,7 +529,7 @@ fn config_text(brokers: &str) -> String {
 /// Prints, for a failed comparison, what the broker holds of `customer`: its changelog
 /// records, the group's committed offsets, its output records (offset, seq) and its input
 /// messages (offset, type, time).
-fn dump_changelog(brokers: &str, customer: &str) {
+fn dump_customer(brokers: &str, customer: &str) {
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "dump")

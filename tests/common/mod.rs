@@ -620,6 +620,8 @@ pub struct Scenario {
     pub expected: BTreeMap<String, Vec<String>>,
     /// How many changes in all.
     pub total: usize,
+    /// How many of the messages do not parse (dead-lettered, applied nowhere).
+    pub invalid: usize,
 }
 
 /// The [`Scenario`] of `count` generated messages (seed `seed`, `customers` ids) under
@@ -629,11 +631,18 @@ pub fn scenario(config: &Config, seed: u64, customers: u32, count: i64) -> Scena
     let until = TRAFFIC_START + count * 20_000 + 100 * segmentd::time::DAY;
     let (expected, _) = replay_changes(config, &messages, until);
     let total = expected.values().map(Vec::len).sum();
+    let invalid = messages
+        .iter()
+        .filter(|m| {
+            segmentd::event::parse_event(&m.payload, config.limits.max_event_bytes).is_err()
+        })
+        .count();
     Scenario {
         messages,
         until,
         expected,
         total,
+        invalid,
     }
 }
 
