@@ -92,7 +92,7 @@ pub fn describe(config: &Config, rules: &RuleSet) -> String {
         if deps.time {
             let _ = writeln!(
                 out,
-                "  depends on time: its answer can change with no new event"
+                "  depends on time: its answer can change with no new event (its timer re-evaluates it)"
             );
         }
         if !deps.segments.is_empty() {

@@ -329,9 +329,10 @@ pub struct SlotSpec {
 /// What a rule reads, so the engine evaluates it only when an input can have changed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Deps {
-    /// Every event can change the answer (session, context, first/last seen, or time).
+    /// Every event can change the answer (session, context, first/last seen).
     pub any_event: bool,
-    /// The answer can change with time alone (`idle`, `within`, windows, `not_followed`).
+    /// The answer can change with time alone (`idle`, `within`, windows, `not_followed`):
+    /// the customer's timer re-evaluates it then, not every event.
     pub time: bool,
     /// The event types whose arrival can change the answer.
     pub types: BTreeSet<u16>,
@@ -480,9 +481,10 @@ impl<'a> Compiler<'a> {
                 format!("a rule must be true or false, but this is {}", ty.name()),
             );
         }
-        if rule.deps.time {
-            rule.deps.any_event = true;
-        }
+        // A rule that reads time is not re-evaluated by every event for that reason: its
+        // deadline (`rules::deadline`) is never later than the first instant its answer
+        // can change with time alone, and `Engine::apply` fires a due timer before the
+        // event, so between its inputs' events the answer stays as last evaluated.
         Ok(CompiledExpr {
             node,
             deps: rule.deps,

@@ -208,6 +208,10 @@ pub struct RuleSet {
     /// Every segment, dependencies first: what a customer's first event evaluates, since
     /// a rule may already hold for a customer with no history (`traits.tier != 'gold'`).
     pub full_plan: Vec<u16>,
+    /// Per event type id: whether its plan re-evaluates a segment in `timed`. Only then
+    /// can the event move the customer's next deadline: the other timed rules' inputs
+    /// and memberships are as they were when the deadline was computed.
+    pub moves_deadline: Vec<bool>,
     /// Per event type id: the slots to feed.
     pub slot_plan: Vec<Vec<u16>>,
     /// The segments whose answer can change with time alone, and those built on them
@@ -290,7 +294,7 @@ impl RuleSet {
             return Err(RuleErrors(errors));
         }
         let order = dependency_order(&segments, defs).map_err(|e| RuleErrors(vec![e]))?;
-        let eval_plan = (0..types.id_count())
+        let eval_plan: Vec<Vec<u16>> = (0..types.id_count())
             .map(|t| {
                 let t = t as u16;
                 plan_where(&segments, &order, |deps| {
@@ -299,10 +303,14 @@ impl RuleSet {
             })
             .collect();
         let timer_plan = plan_where(&segments, &order, |deps| deps.time);
-        let timed = order
+        let timed: Vec<u16> = order
             .iter()
             .copied()
             .filter(|&s| segments[usize::from(s)].deps.time)
+            .collect();
+        let moves_deadline = eval_plan
+            .iter()
+            .map(|plan| plan.iter().any(|s| timed.contains(s)))
             .collect();
         let slot_plan = (0..types.id_count())
             .map(|t| {
@@ -323,6 +331,7 @@ impl RuleSet {
             slots,
             types,
             eval_plan,
+            moves_deadline,
             full_plan: order,
             slot_plan,
             timer_plan,
