@@ -7,9 +7,10 @@
 //! [`RuleSet`]), in dependency order so that `in_segment` sees this event's changes, and
 //! recompute the customer's next deadline if one of them reads time. A time-dependent
 //! rule is not re-evaluated by events that do not feed it: its deadline marks the first
-//! instant time alone may change it, and a due timer fires before the event. Evaluation time is the event's time, or the
-//! customer's latest event time if this one arrived late, so a customer's changes never go
-//! back in time and the answer does not depend on partitioning.
+//! instant time alone may change it, and a due timer fires before the event. Evaluation
+//! time is the event's time, or the customer's latest event time if this one arrived late,
+//! so a customer's changes never go back in time and the answer does not depend on
+//! partitioning.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
