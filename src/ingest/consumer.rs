@@ -379,10 +379,18 @@ impl ConsumerContext for IngestContext {
     }
 }
 
+/// `fetch.queue.backoff.ms` for segmentd's consumers, in milliseconds: how long librdkafka
+/// waits before fetching a partition again once its local queue holds
+/// `queued.min.messages` records. Its default, 1 s, leaves a consumer that drains its queue
+/// faster than that idle while a backlog waits in the broker (the end-to-end harness
+/// through Tansu: about 117,000 events/s with the default, 200,000 with 10 ms).
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 /// A group consumer over the input topics: offsets stored by hand after delivery and
 /// committed every `commit_interval` (in exactly-once mode, by the transactions instead),
-/// committed records only, cooperative-sticky assignment, lag statistics every 5 s; the
-/// user's librdkafka properties applied last.
+/// committed records only, cooperative-sticky assignment, lag statistics every 5 s, a
+/// short fetch backoff ([`FETCH_QUEUE_BACKOFF_MS`]); the user's librdkafka properties
+/// applied last.
 pub fn create_consumer(
     config: &Config,
     context: IngestContext,
@@ -404,6 +412,7 @@ pub fn create_consumer(
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "5000")
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
         .set("enable.partition.eof", "false");
     for (key, value) in &config.kafka.consumer {
         client.set(key, value);

@@ -171,6 +171,10 @@ impl Restorer {
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &config.kafka.brokers)
+            .set(
+                "fetch.queue.backoff.ms",
+                super::consumer::FETCH_QUEUE_BACKOFF_MS,
+            )
             .set("enable.partition.eof", "false");
         for (key, value) in &config.kafka.consumer {
             client.set(key, value);
