@@ -299,8 +299,18 @@ pub async fn run(
     let mut released = Vec::new();
     let mut timer_tick = tokio::time::interval(TIMER_TICK);
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At least once, a tick takes the checkpoints of one slice of the partitions (by
+    // number), `CHECKPOINT_SLICES` ticks per commit interval: every partition once per
+    // interval, and the loop pauses to encode one slice's changed customers at a time.
+    // Exactly once, a tick commits every partition's transaction together.
+    let slices = if transactions.is_some() {
+        1
+    } else {
+        CHECKPOINT_SLICES
+    };
+    let mut slice = 0;
     let mut checkpoint_tick = tokio::time::interval(Duration::from_millis(
-        config.kafka.commit_interval.millis().max(1) as u64,
+        (config.kafka.commit_interval.millis().max(1) as u64 / slices as u64).max(1),
     ));
     checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -329,7 +339,8 @@ pub async fn run(
                         break;
                     }
                 } else {
-                    pipeline.checkpoint(|_| true);
+                    pipeline.checkpoint(|number| number.rem_euclid(slices) == slice);
+                    slice = (slice + 1) % slices;
                     if let Err(err) = pipeline.send_checkpoints().await {
                         failure.record(err);
                         break;
@@ -549,6 +560,12 @@ async fn commit_final(
 
 /// How often the final commit is tried while the group rebalances.
 const COMMIT_ATTEMPTS: u32 = 20;
+
+/// Into how many slices (by partition number) the at-least-once checkpoints of one commit
+/// interval are spread: a checkpoint encodes its partitions' changed customers on the
+/// consume loop's thread, and a quarter of them at a time keeps events from queueing
+/// behind all of them at once.
+const CHECKPOINT_SLICES: i32 = 4;
 
 /// How often idle partitions' watermarks are moved on by the wall clock and their due
 /// timers fired: a timer fires at most this long after the watermark passes it.
