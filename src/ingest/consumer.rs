@@ -1,5 +1,6 @@
 //! The consumer: its configuration and its context (rebalance and statistics callbacks).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rdkafka::ClientConfig;
@@ -37,6 +38,10 @@ pub struct IngestContext {
     inputs: Vec<String>,
     /// Durable state, when a changelog topic is configured.
     durable: Option<Durable>,
+    /// Set once the service has made its last drain, checkpoint and commit (or chose not
+    /// to, after a failure): the revocation that closing the consumer then brings only
+    /// drops state, so closing neither waits for a broker again nor writes anything.
+    finished: AtomicBool,
 }
 
 /// What revocation and assignment need when state is durable.
@@ -74,7 +79,14 @@ impl IngestContext {
             engine,
             inputs,
             durable,
+            finished: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the service's last drain and commit done: from now on a revocation (the
+    /// consumer closing) only drops state.
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::Relaxed);
     }
 
     /// The durable-state parts, if any.
@@ -200,7 +212,9 @@ impl IngestContext {
         if lost {
             tracing::warn!(partitions = ?numbers, "Partitions lost to another member: dropped without a last checkpoint or commit.");
         }
-        if let Some(transactions) = self.transactions() {
+        if self.finished.load(Ordering::Relaxed) {
+            // The service's own end wrote (or deliberately did not write) everything.
+        } else if let Some(transactions) = self.transactions() {
             // Exactly-once: one commit of everything (the revoked partitions' last states
             // and offsets, and what the others did in the open transaction), so that the
             // next owner restores exactly what was committed. Lost partitions' outputs

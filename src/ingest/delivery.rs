@@ -2,7 +2,7 @@
 //! the [`OffsetTracker`], and completed offsets are stored on the consumer for the next
 //! commit. A failed delivery is recorded and wakes the consume loop, which stops.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -58,8 +58,10 @@ impl DeliveryFailure {
 pub struct Acknowledger {
     /// In-flight input messages.
     pub tracker: Arc<OffsetTracker>,
-    /// Where completed offsets are stored.
-    pub consumer: Arc<StreamConsumer<IngestContext>>,
+    /// Where completed offsets are stored. Weak: the consumer's context holds the
+    /// producer, whose context this is, so a strong reference would keep both clients
+    /// alive for ever (never closed, never destroyed) after the service stops.
+    pub consumer: Weak<StreamConsumer<IngestContext>>,
     /// Latency and dead-letter counters.
     pub metrics: Arc<Metrics>,
     /// Where a failure is reported.
@@ -75,9 +77,11 @@ impl ProducerContext for Acknowledger {
     type DeliveryOpaque = Box<Ticket>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Ticket>) {
-        if let (Err((error, _)), Some(transactions)) =
-            (result, self.consumer.context().transactions())
-        {
+        // Gone only once the service has stopped: there is no offset left to store.
+        let Some(consumer) = self.consumer.upgrade() else {
+            return;
+        };
+        if let (Err((error, _)), Some(transactions)) = (result, consumer.context().transactions()) {
             // Exactly-once: a refused record makes its transaction abort (and the state
             // rewind); records purged by an abort were already given up.
             if !matches!(
@@ -109,7 +113,7 @@ impl ProducerContext for Acknowledger {
             self.metrics.changelog_records.inc();
             if let Some(changelog) = &self.changelog {
                 for (partition, offset) in changelog.acknowledged(ticket.partition.1, checkpoint) {
-                    store(self.consumer.as_ref(), &partition, offset);
+                    store(consumer.as_ref(), &partition, offset);
                 }
             }
             return;
@@ -120,7 +124,7 @@ impl ProducerContext for Acknowledger {
         let Some(offset) = ticket.offset else { return };
         let completed = self.tracker.acknowledged(&ticket.partition, offset);
         messages_completed(
-            self.consumer.as_ref(),
+            consumer.as_ref(),
             self.changelog.is_some(),
             &self.metrics,
             &ticket.partition,

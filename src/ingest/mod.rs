@@ -181,7 +181,7 @@ pub async fn run(
     let failure = Arc::new(DeliveryFailure::default());
     let acknowledger = Acknowledger {
         tracker: tracker.clone(),
-        consumer: consumer.clone(),
+        consumer: Arc::downgrade(&consumer),
         metrics: metrics.clone(),
         failure: failure.clone(),
         changelog: changelog.clone(),
@@ -416,6 +416,7 @@ pub async fn run(
             );
         }
     }
+    consumer.context().finish();
     consumer.unsubscribe();
     http.stop().await;
     if let Some(sweeper) = sweeper {
