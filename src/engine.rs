@@ -514,10 +514,11 @@ mod tests {
         );
     }
 
-    /// After every event, evaluating *every* segment for its customer changes nothing:
-    /// the plans (an event re-evaluates only the segments its type can affect, and a
-    /// time-dependent one only through its timer, fired before a later event) miss no
-    /// change. Generated traffic over two weeks of event time, so windows slide, carts
+    /// After every event, evaluating *every* segment for its customer changes nothing,
+    /// and its timer is the one a full recomputation gives: the plans (an event
+    /// re-evaluates only the segments its type can affect, a time-dependent one only
+    /// through its timer, fired before a later event) miss no change, and skipping the
+    /// deadline after events that touch no time-dependent segment keeps the right timer. Generated traffic over two weeks of event time, so windows slide, carts
     /// go idle and buyers lapse, under the reference, demo and 48 generated rules.
     #[test]
     fn after_every_event_evaluating_every_segment_changes_nothing() {
@@ -551,6 +552,12 @@ mod tests {
                     .read(&event.customer_id, Clone::clone)
                     .unwrap();
                 let now = state.clock;
+                assert_eq!(
+                    state.timer,
+                    engine.next_deadline(&state, now),
+                    "{name} rules, event {i} ({}): the timer kept differs from a full recomputation",
+                    event.event_type
+                );
                 engine.evaluate(
                     &event.customer_id,
                     &mut state,
