@@ -212,13 +212,28 @@ impl IngestContext {
         if lost {
             tracing::warn!(partitions = ?numbers, "Partitions lost to another member: dropped without a last checkpoint or commit.");
         }
-        if self.finished.load(Ordering::Relaxed) {
-            // The service's own end wrote (or deliberately did not write) everything.
-        } else if let Some(transactions) = self.transactions() {
-            // Exactly-once: one commit of everything (the revoked partitions' last states
-            // and offsets, and what the others did in the open transaction), so that the
-            // next owner restores exactly what was committed. Lost partitions' outputs
-            // must not become visible: the transaction is aborted, the rest rewound.
+        // After the service's own end everything was written (or deliberately not).
+        if !self.finished.load(Ordering::Relaxed) {
+            self.hand_over(consumer, numbers, lost);
+        }
+        self.tracker.release(is_revoked);
+        if let Some(durable) = &self.durable {
+            durable.changelog.forget(|number| numbers.contains(&number));
+        }
+        let dropped = self
+            .engine
+            .drop_partitions(|number| numbers.contains(&number));
+        tracing::info!(partitions = ?numbers, customers = dropped, "Dropped the revoked partitions' state.");
+    }
+
+    /// What revoked partitions leave behind for their next owner. Exactly-once: one
+    /// commit of everything (the revoked partitions' last states and offsets, and what
+    /// the others did in the open transaction), so that the next owner restores exactly
+    /// what was committed; lost partitions' outputs must not become visible, so the
+    /// transaction is aborted and the rest rewound. At least once: their last checkpoint
+    /// and commit, unless they were lost.
+    fn hand_over(&self, consumer: &BaseConsumer<Self>, numbers: &[i32], lost: bool) {
+        if let Some(transactions) = self.transactions() {
             if lost {
                 transactions.poison();
             }
@@ -230,14 +245,6 @@ impl IngestContext {
         } else if !lost {
             self.drain_and_commit(consumer, numbers);
         }
-        self.tracker.release(is_revoked);
-        if let Some(durable) = &self.durable {
-            durable.changelog.forget(|number| numbers.contains(&number));
-        }
-        let dropped = self
-            .engine
-            .drop_partitions(|number| numbers.contains(&number));
-        tracing::info!(partitions = ?numbers, customers = dropped, "Dropped the revoked partitions' state.");
     }
 
     /// At-least-once revocation: waits until the revoked partitions' outputs are
