@@ -1,6 +1,7 @@
 //! The store's sweeper: a thread that sweeps the customer store every
 //! `state.idle_after`, so that customers without an event or a timer for that long are
-//! held encoded (see [`crate::state::store`]). A sweep takes the map's locks one shard
+//! held encoded, and compressed once the store has a dictionary (see
+//! [`crate::state::store`]). A sweep takes the map's locks one shard
 //! (to clear marks) or one customer (to encode it) at a time, so the consume loop goes on
 //! beside it.
 
@@ -34,6 +35,7 @@ impl Sweeper {
                     metrics.customers_idle.set(sweep.idle as i64);
                     tracing::debug!(
                         encoded = sweep.encoded,
+                        packed = sweep.packed,
                         idle = sweep.idle,
                         customers = sweep.customers,
                         seconds = started.elapsed().as_secs_f64(),

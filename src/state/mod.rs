@@ -1,6 +1,7 @@
 //! Per-customer state: the built-in facts ([`customer`]), the rule-specific slots
-//! ([`slots`]), sliding windows ([`window`]) and the concurrent map that holds every
-//! customer, active or (encoded) idle ([`CustomerStore`]).
+//! ([`slots`]), sliding windows ([`window`]), the concurrent map that holds every
+//! customer, active or (encoded) idle ([`CustomerStore`]), the encodings ([`codec`]) and
+//! the compression of idle ones ([`pack`]).
 //!
 //! Pure data and arithmetic: no I/O, no clock. The engine decides what time it is. Every
 //! piece of state derives serde's traits, so a customer can be written out and read back
@@ -8,6 +9,7 @@
 
 pub mod codec;
 pub mod customer;
+pub mod pack;
 pub mod slots;
 pub mod store;
 pub mod window;
