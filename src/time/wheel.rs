@@ -9,11 +9,15 @@
 //! touched at most once per level on its way down — the cost per timer does not grow
 //! with the number pending, and advancing over an empty stretch of time costs nothing.
 //!
-//! Timers live in a slab of doubly linked nodes (a slot is a list), and a map from
-//! customer id to node gives the O(1) reschedule and cancel.
+//! Timers live in a slab of doubly linked nodes (a slot is a list), and a hash table of
+//! node indexes, hashed and compared by their nodes' customer ids, gives the O(1)
+//! reschedule and cancel (4 bytes an entry, where a map from id to index would hold the
+//! id a second time: 24).
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
 
 use crate::time::Millis;
 
@@ -57,7 +61,9 @@ pub struct TimerWheel {
     levels: Vec<Level>,
     nodes: Vec<Node>,
     free: Vec<u32>,
-    by_customer: HashMap<Arc<str>, u32, foldhash::fast::RandomState>,
+    /// The linked nodes' indexes, by their customer ids.
+    by_customer: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Default for TimerWheel {
@@ -72,7 +78,8 @@ impl Default for TimerWheel {
                 .collect(),
             nodes: Vec::new(),
             free: Vec::new(),
-            by_customer: HashMap::default(),
+            by_customer: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
@@ -95,9 +102,7 @@ impl TimerWheel {
 
     /// The pending deadline of `customer`, if any.
     pub fn deadline_of(&self, customer: &str) -> Option<Millis> {
-        self.by_customer
-            .get(customer)
-            .map(|&n| self.nodes[n as usize].deadline)
+        self.find(customer).map(|n| self.nodes[n as usize].deadline)
     }
 
     /// Sets (`Some`) or cancels (`None`) the one timer of `customer`, replacing any
@@ -119,12 +124,12 @@ impl TimerWheel {
         deadline: Option<Millis>,
         shared: impl FnOnce() -> Arc<str>,
     ) {
-        match (self.by_customer.get(customer).copied(), deadline) {
+        match (self.find(customer), deadline) {
             (None, None) => {}
             (Some(node), None) => {
                 self.unlink(node);
-                let key = self.release(node);
-                self.by_customer.remove(&key);
+                self.forget(node);
+                self.release(node);
             }
             (Some(node), Some(deadline)) => {
                 if self.nodes[node as usize].deadline != deadline {
@@ -134,11 +139,32 @@ impl TimerWheel {
                 }
             }
             (None, Some(deadline)) => {
-                let customer = shared();
-                let node = self.allocate(customer.clone(), deadline);
+                let node = self.allocate(shared(), deadline);
                 self.link(node);
-                self.by_customer.insert(customer, node);
+                let (nodes, hasher) = (&self.nodes, &self.hasher);
+                self.by_customer
+                    .insert_unique(hasher.hash_one(customer), node, |&n| {
+                        hasher.hash_one(&*nodes[n as usize].customer)
+                    });
             }
+        }
+    }
+
+    /// The node of `customer`'s timer.
+    fn find(&self, customer: &str) -> Option<u32> {
+        let nodes = &self.nodes;
+        self.by_customer
+            .find(self.hasher.hash_one(customer), |&n| {
+                *nodes[n as usize].customer == *customer
+            })
+            .copied()
+    }
+
+    /// Takes `node` out of the table (it stays in the slab).
+    fn forget(&mut self, node: u32) {
+        let hash = self.hasher.hash_one(&*self.nodes[node as usize].customer);
+        if let Ok(entry) = self.by_customer.find_entry(hash, |&n| n == node) {
+            entry.remove();
         }
     }
 
@@ -161,9 +187,8 @@ impl TimerWheel {
                 // Every timer in a level-0 slot is due at its start.
                 self.unlink(head);
                 let deadline = self.nodes[head as usize].deadline;
-                let customer = self.release(head);
-                self.by_customer.remove(&customer);
-                return Some((customer, deadline));
+                self.forget(head);
+                return Some((self.release(head), deadline));
             }
             // Sort the slot's timers into the levels below, relative to the new time.
             self.levels[level].heads[slot] = NONE;
