@@ -13,9 +13,11 @@
 //!    `--live` (the producer batches for up to 5 ms, librdkafka's default); a
 //!    consumer reads the output topic. Latency is an output change's arrival at that
 //!    consumer minus the moment its causing event was handed to the producer (one clock,
-//!    one process). Timer-caused changes report
-//!    how long after the watermark passed their deadline they arrived (the watermark
-//!    trails live event time by `time.allowed_lateness`).
+//!    one process), also split at the change's `emitted_at` (segmentd's clock, same
+//!    machine): event to change made (input client, broker, segmentd's consumer and
+//!    engine), and change made to arrival (segmentd's producer, broker, harness consumer).
+//!    Timer-caused changes report how long after the watermark passed their deadline they
+//!    arrived (the watermark trails live event time by `time.allowed_lateness`).
 //! 3. **Latency at saturation**: the same, offered at the throughput phase 1 measured.
 //! 4. **Restore** (with `--restore-customers N`; `--restore-only` skips phases 1–3): N
 //!    customers' state records (states of generated traffic under distinct ids, encoded
@@ -293,6 +295,13 @@ struct LivePhase {
     seconds: f64,
     /// Event → change latencies, microseconds, sorted.
     latencies: Vec<i64>,
+    /// The same split at the change's `emitted_at`: from the event's hand-over to its
+    /// change being made (the input's client and broker, segmentd's consumer and engine),
+    /// microseconds, sorted; the change's timestamp has millisecond precision.
+    to_emitted: Vec<i64>,
+    /// ... and from the change being made to its arrival (segmentd's producer, the
+    /// broker, the harness's consumer).
+    emitted_to_arrived: Vec<i64>,
     /// Timer changes: arrival after the watermark passed the deadline, microseconds, sorted.
     timer_delays: Vec<i64>,
     /// Changes caused by events produced before the phase (not measured).
@@ -312,6 +321,14 @@ impl LivePhase {
             ms(percentile(&self.latencies, 0.999)),
             ms(self.latencies.last().copied()),
             self.unmatched,
+        );
+        println!(
+            "  split at emitted_at: event -> change made p50 {} p99 {}; change made -> \
+             arrived p50 {} p99 {} (ms)",
+            ms(percentile(&self.to_emitted, 0.50)),
+            ms(percentile(&self.to_emitted, 0.99)),
+            ms(percentile(&self.emitted_to_arrived, 0.50)),
+            ms(percentile(&self.emitted_to_arrived, 0.99)),
         );
         println!(
             "timers {label}: {} fired; after the watermark passed the deadline \
@@ -395,12 +412,20 @@ fn live_phase(
     output.wait_quiet(Duration::from_secs(3), Duration::from_secs(120));
 
     let mut latencies = Vec::new();
+    let mut to_emitted = Vec::new();
+    let mut emitted_to_arrived = Vec::new();
     let mut timer_delays = Vec::new();
     let mut unmatched = 0;
     for change in output.take() {
         match change.cause {
             Cause::Event(id) => match sent.get(&*id) {
-                Some(at) => latencies.push(change.arrived - at),
+                Some(at) => {
+                    latencies.push(change.arrived - at);
+                    if let Some(emitted) = change.emitted {
+                        to_emitted.push(emitted - at);
+                        emitted_to_arrived.push(change.arrived - emitted);
+                    }
+                }
                 None => unmatched += 1,
             },
             Cause::Timer(deadline) if deadline >= phase_start => {
@@ -410,11 +435,15 @@ fn live_phase(
         }
     }
     latencies.sort_unstable();
+    to_emitted.sort_unstable();
+    emitted_to_arrived.sort_unstable();
     timer_delays.sort_unstable();
     Ok(LivePhase {
         offered,
         seconds,
         latencies,
+        to_emitted,
+        emitted_to_arrived,
         timer_delays,
         unmatched,
     })
@@ -440,6 +469,9 @@ enum Cause {
 /// One change read from the output topic.
 struct Arrived {
     arrived: i64,
+    /// The change's `emitted_at` (segmentd's clock when it made the change; milliseconds,
+    /// as microseconds), if readable.
+    emitted: Option<i64>,
     cause: Cause,
 }
 
@@ -473,22 +505,29 @@ impl OutputReader {
                     continue;
                 };
                 let arrived = now_micros();
-                let cause = message
+                let change = message
                     .payload()
-                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-                    .map_or(Cause::Other, |change| {
-                        match change["cause"]["kind"].as_str() {
-                            Some("event") => change["cause"]["event_id"]
-                                .as_str()
-                                .map_or(Cause::Other, |id| Cause::Event(id.into())),
-                            Some("timer") => change["at"]
-                                .as_str()
-                                .and_then(parse_timestamp)
-                                .map_or(Cause::Other, Cause::Timer),
-                            _ => Cause::Other,
-                        }
-                    });
-                into.lock().unwrap().push(Arrived { arrived, cause });
+                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
+                let emitted = change.as_ref().and_then(|change| {
+                    Some(parse_timestamp(change["emitted_at"].as_str()?)? * 1000)
+                });
+                let cause = change.map_or(Cause::Other, |change| {
+                    match change["cause"]["kind"].as_str() {
+                        Some("event") => change["cause"]["event_id"]
+                            .as_str()
+                            .map_or(Cause::Other, |id| Cause::Event(id.into())),
+                        Some("timer") => change["at"]
+                            .as_str()
+                            .and_then(parse_timestamp)
+                            .map_or(Cause::Other, Cause::Timer),
+                        _ => Cause::Other,
+                    }
+                });
+                into.lock().unwrap().push(Arrived {
+                    arrived,
+                    emitted,
+                    cause,
+                });
                 *last.lock().unwrap() = Instant::now();
             }
         });
