@@ -460,6 +460,20 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_that_is_not_utf8_is_invalid_json_with_the_position() {
+        let mut payload = br#"{"type":"page_view","customer_id":"c-1","ts":1}"#.to_vec();
+        assert!(parse_event(&payload, LIMIT).is_ok());
+        // A lead byte without its continuation, inside the customer id.
+        payload[36] = 0xC3;
+        let err = parse_event(&payload, LIMIT).unwrap_err();
+        assert_eq!(err.reason, InvalidReason::InvalidJson);
+        assert!(
+            err.to_string().contains("line 1 column"),
+            "no position in: {err}"
+        );
+    }
+
+    #[test]
     fn a_missing_event_id_is_replaced_by_a_hash_of_the_message() {
         let payload = br#"{"type":"page_view","customer_id":"c-1","ts":"2026-11-23T10:00:00Z"}"#;
         let a = parse_event(payload, LIMIT).unwrap();
