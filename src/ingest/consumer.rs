@@ -280,7 +280,7 @@ impl IngestContext {
             return false;
         };
         let changelog = &durable.changelog;
-        changelog.checkpoint(numbers, &self.partitions, &self.tracker, &self.engine);
+        changelog.checkpoint(numbers, &self.partitions, &self.tracker, false);
         let (outgoing, ready) = changelog.ready(&self.tracker);
         for (partition, offset) in ready {
             super::delivery::store(consumer, &partition, offset);

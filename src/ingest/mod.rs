@@ -301,7 +301,7 @@ pub async fn run(
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // At least once, a tick takes the checkpoints of one slice of the partitions (by
     // number), `CHECKPOINT_SLICES` ticks per commit interval: every partition once per
-    // interval, and the loop pauses to encode one slice's changed customers at a time.
+    // interval, and the encoding of one slice's changed customers at a time.
     // Exactly once, a tick commits every partition's transaction together.
     let slices = if transactions.is_some() {
         1
@@ -339,7 +339,7 @@ pub async fn run(
                         break;
                     }
                 } else {
-                    pipeline.checkpoint(|number| number.rem_euclid(slices) == slice);
+                    pipeline.checkpoint(|number| number.rem_euclid(slices) == slice, true);
                     slice = (slice + 1) % slices;
                     if let Err(err) = pipeline.send_checkpoints().await {
                         failure.record(err);
@@ -405,7 +405,7 @@ pub async fn run(
         let mut drained = drain(&producer, &tracker).await;
         if drained && pipeline.changelog.is_some() {
             // A last checkpoint of every partition: the next owner restores exactly this.
-            pipeline.checkpoint(|_| true);
+            pipeline.checkpoint(|_| true, false);
             drained = pipeline.send_checkpoints().await.is_ok() && pipeline.settle().await;
         }
         if drained {
@@ -854,8 +854,9 @@ impl Pipeline {
             .contains(&number)
     }
 
-    /// Takes a changelog checkpoint of the partitions `which` selects.
-    fn checkpoint(&self, which: impl Fn(i32) -> bool) {
+    /// Takes a changelog checkpoint of the partitions `which` selects; `deferred`: their
+    /// customers encoded off the loop (see [`changelog`]).
+    fn checkpoint(&self, which: impl Fn(i32) -> bool, deferred: bool) {
         let Some(changelog) = &self.changelog else {
             return;
         };
@@ -863,7 +864,7 @@ impl Pipeline {
             let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
             partitions.keys().copied().filter(|&n| which(n)).collect()
         };
-        changelog.checkpoint(&numbers, &self.partitions, &self.tracker, &self.engine);
+        changelog.checkpoint(&numbers, &self.partitions, &self.tracker, deferred);
     }
 
     /// Sends the checkpoints whose messages' outputs are acknowledged, and stores the

@@ -142,12 +142,19 @@ fn decode_state_bytes(partition: i32, bytes: &[u8]) -> CustomerState {
 /// A customer's state borrowed for writing (the map's lock of its shard held).
 pub type StateMut<'a> = MappedRefMut<'a, Box<str>, Stored, CustomerState>;
 
+/// Called with a customer's id and state each time the state is borrowed for writing,
+/// before the borrower sees it, under the customer's lock: a changelog checkpoint that
+/// has not yet copied the state takes it here, as it was at the checkpoint.
+pub type WriteHook = Box<dyn Fn(&str, &CustomerState) + Send + Sync>;
+
 /// Every customer's state (see the module documentation). Cloning shares the map.
 #[derive(Clone, Default)]
 pub struct CustomerStore {
     map: Arc<DashMap<Box<str>, Stored, Hasher>>,
     /// The dictionary packed customers are compressed with, once a sweep has trained it.
     packer: Arc<OnceLock<Packer>>,
+    /// Called before every write (see [`WriteHook`]), once set.
+    write_hook: Arc<OnceLock<WriteHook>>,
 }
 
 /// What a sweep did.
@@ -183,10 +190,19 @@ impl CustomerStore {
         self.packer.get()
     }
 
+    /// Sets the hook called before every write (once; a second one is ignored).
+    pub fn set_write_hook(&self, hook: WriteHook) {
+        let _ = self.write_hook.set(hook);
+    }
+
     /// The customer's state for an event or a timer, decoded if idle.
     pub fn get_mut(&self, id: &str) -> Option<StateMut<'_>> {
         let packer = self.packer();
-        Some(self.map.get_mut(id)?.map(|stored| stored.activate(packer)))
+        let state = self.map.get_mut(id)?.map(|stored| stored.activate(packer));
+        if let Some(hook) = self.write_hook.get() {
+            hook(id, &state);
+        }
+        Some(state)
     }
 
     /// The customer's state, a new empty one if unknown.
