@@ -280,23 +280,24 @@ impl Changelog {
 
     /// The store's write hook: a frozen customer about to change is encoded first.
     fn before_write(&self, customer: &str, state: &CustomerState) {
-        if self.frozen_count.load(Ordering::Relaxed) == 0 {
-            return;
+        if self.frozen_count.load(Ordering::Relaxed) > 0 {
+            self.unfreeze(customer, Some(state));
         }
+    }
+
+    /// If `customer` is still frozen: no longer, and its checkpoint gets a record of
+    /// `state` (`None`: it left the store, nothing to write). Called with the customer's
+    /// lock held, before the frozen list's.
+    fn unfreeze(&self, customer: &str, state: Option<&CustomerState>) {
         let taken = self
             .frozen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove_entry(customer);
-        if let Some((customer, (number, id))) = taken {
-            self.frozen_count.fetch_sub(1, Ordering::Relaxed);
-            self.add_record(number, id, customer, Some(state));
-        }
-    }
-
-    /// Encodes the frozen customer `customer` (with its state, if it still has one) into
-    /// checkpoint `id` of partition `number`.
-    fn add_record(&self, number: i32, id: u64, customer: Box<str>, state: Option<&CustomerState>) {
+        let Some((customer, (number, id))) = taken else {
+            return;
+        };
+        self.frozen_count.fetch_sub(1, Ordering::Relaxed);
         let mut logs = self.lock();
         let Some(checkpoint) = logs
             .get_mut(&number)
@@ -333,29 +334,13 @@ impl Changelog {
 
     /// Encodes frozen customer `customer`, if it still is frozen.
     fn encode_one(&self, customer: &str) {
-        // The customer's lock first, the frozen list second: the write hook's order.
-        let encoded = self.engine.store().read(customer, |state| {
-            let taken = self
-                .frozen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove_entry(customer);
-            if let Some((customer, (number, id))) = taken {
-                self.frozen_count.fetch_sub(1, Ordering::Relaxed);
-                self.add_record(number, id, customer, Some(state));
-            }
-        });
-        if encoded.is_none() {
-            // No longer in the store: nothing to write.
-            let taken = self
-                .frozen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove_entry(customer);
-            if let Some((customer, (number, id))) = taken {
-                self.frozen_count.fetch_sub(1, Ordering::Relaxed);
-                self.add_record(number, id, customer, None);
-            }
+        // Under the customer's lock, like the write hook: the two never encode one twice.
+        let store = self.engine.store();
+        if store
+            .read(customer, |state| self.unfreeze(customer, Some(state)))
+            .is_none()
+        {
+            self.unfreeze(customer, None);
         }
     }
 
