@@ -18,6 +18,7 @@
 //! the bytes), including those restored or encoded before. Waking a packed customer
 //! decompresses it first (about a microsecond more).
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
@@ -62,7 +63,7 @@ impl Stored {
     fn activate(&mut self, packer: Option<&Packer>) -> &mut CustomerState {
         if !matches!(self, Stored::Active { .. }) {
             *self = Stored::Active {
-                state: Box::new(self.decode(packer)),
+                state: Box::new(self.state(packer).into_owned()),
                 used: true,
             };
         }
@@ -77,35 +78,37 @@ impl Stored {
 
     /// Calls `visit` with the state (an idle one decoded for the call).
     fn visit<R>(&self, packer: Option<&Packer>, visit: impl FnOnce(&CustomerState) -> R) -> R {
-        match self {
-            Stored::Active { state, .. } => visit(state),
-            idle => visit(&idle.decode(packer)),
-        }
+        visit(&self.state(packer))
     }
 
-    /// The state, decoded.
-    fn decode(&self, packer: Option<&Packer>) -> CustomerState {
+    /// The state: an active one borrowed, an idle one decoded.
+    fn state(&self, packer: Option<&Packer>) -> Cow<'_, CustomerState> {
         match self {
-            Stored::Active { state, .. } => (**state).clone(),
-            Stored::Idle(bytes) => decode_idle(bytes),
-            Stored::Packed(bytes) => {
-                let unpacked = packer
-                    .ok_or_else(|| "the store has no dictionary".to_owned())
-                    .and_then(|packer| {
-                        packer
-                            .unpack(bytes, 4, |raw| decode_state_bytes(self.partition(), raw))
-                            .map_err(|err| err.to_string())
-                    });
-                unpacked.unwrap_or_else(|err| {
-                    tracing::error!(error = %err, partition = self.partition(), "An idle customer's state does not decompress; it starts again empty.");
-                    CustomerState {
-                        partition: self.partition(),
-                        ..CustomerState::default()
-                    }
-                })
-            }
+            Stored::Active { state, .. } => Cow::Borrowed(state),
+            Stored::Idle(bytes) => Cow::Owned(decode_idle(bytes)),
+            Stored::Packed(bytes) => Cow::Owned(unpack_idle(bytes, packer)),
         }
     }
+}
+
+/// Decodes a packed customer. Bytes that do not unpack (only a bug could cause it: they
+/// are this process's own) give an empty state, logged, as in [`decode_state_bytes`].
+fn unpack_idle(bytes: &[u8], packer: Option<&Packer>) -> CustomerState {
+    let partition = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let unpacked = packer
+        .ok_or_else(|| "the store has no dictionary".to_owned())
+        .and_then(|packer| {
+            packer
+                .unpack(bytes, 4, |raw| decode_state_bytes(partition, raw))
+                .map_err(|err| err.to_string())
+        });
+    unpacked.unwrap_or_else(|err| {
+        tracing::error!(error = %err, partition, "An idle customer's state does not decompress; it starts again empty.");
+        CustomerState {
+            partition,
+            ..CustomerState::default()
+        }
+    })
 }
 
 /// An idle customer's encoding.
@@ -256,7 +259,7 @@ impl CustomerStore {
         let previous = self.map.insert(id, stored)?;
         Some(match previous {
             Stored::Active { state, .. } => *state,
-            idle => idle.decode(self.packer()),
+            idle => idle.state(self.packer()).into_owned(),
         })
     }
 
