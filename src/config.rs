@@ -263,8 +263,8 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     /// A customer with no event or timer for this long (between once and twice this, as
-    /// the store is swept every `idle_after`) is kept encoded — about a fifth of the
-    /// memory — until its next event; "0s": every customer stays decoded.
+    /// the store is swept every `idle_after`) is kept encoded and compressed — about a
+    /// seventh of the memory — until its next event; "0s": every customer stays decoded.
     pub idle_after: HumanDuration,
 }
 
