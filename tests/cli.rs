@@ -236,6 +236,18 @@ fn demo_shows_segment_changes() {
         .any(|l| l.starts_with("c-") && l.contains(" entered ") && l.contains(" seq "));
     assert!(shown, "no change from the output topic shown:\n{stdout}");
     assert!(stdout.contains("demo stopped."));
+    // The last summary is taken before the service lets its customers go.
+    let last = stdout
+        .lines()
+        .rfind(|l| l.contains("segmentd demo —"))
+        .expect("a summary");
+    let customers: u64 = last
+        .rsplit(", ")
+        .next()
+        .and_then(|part| part.strip_suffix(" customers"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no customer count in {last:?}"));
+    assert!(customers > 0, "{last}");
 }
 
 /// `run` stops on a real SIGTERM: it finishes, commits and exits 0. Periodic commits are

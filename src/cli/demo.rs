@@ -125,8 +125,9 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     stop_generator.store(true, Ordering::Relaxed);
     let generated = tokio::task::spawn_blocking(move || generator.join()).await?;
-    service.stop().await?;
+    // The last view before the service stops (and lets its customers go).
     summary.print(&started, &recent);
+    service.stop().await?;
     println!("demo stopped.");
     match generated {
         Ok(result) => result,
