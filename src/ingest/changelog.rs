@@ -124,7 +124,8 @@ pub struct Changelog {
     /// Customers a checkpoint has frozen and not yet encoded: `(partition number,
     /// checkpoint id)` by customer id.
     frozen: Mutex<HashMap<Box<str>, (i32, u64), foldhash::fast::RandomState>>,
-    /// How many are frozen (the write hook's test, without the lock).
+    /// How many are frozen (the write hook's test, without the lock); set under the
+    /// lock, after each change.
     frozen_count: AtomicUsize,
     /// The engine whose customers it encodes.
     engine: Engine,
@@ -231,20 +232,7 @@ impl Changelog {
                 taken: Instant::now(),
                 reported: false,
             };
-            if deferred {
-                checkpoint.unencoded = changed.len();
-                let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
-                for customer in changed {
-                    // Only the loop writes states, and it wrote none since the last
-                    // checkpoint's copy of a customer: none is still frozen here.
-                    if frozen.insert(customer, (number, id)).is_none() {
-                        self.frozen_count.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        checkpoint.unencoded -= 1;
-                    }
-                }
-                froze = true;
-            } else {
+            if !deferred {
                 checkpoint.records = changed
                     .into_iter()
                     .filter_map(|customer| {
@@ -254,18 +242,38 @@ impl Changelog {
                         Some((customer, value))
                     })
                     .collect();
+                self.push(number, checkpoint);
+                continue;
             }
-            self.lock()
-                .entry(number)
-                .or_default()
-                .checkpoints
-                .push_back(checkpoint);
+            // The partition's customers still frozen for its previous checkpoint are
+            // encoded first, here, so the copy never lags more than one checkpoint behind.
+            // (None of them is in this checkpoint: one written since is no longer frozen,
+            // the hook took it.)
+            self.encode_frozen(|n| n == number);
+            // In the log before its customers are frozen, so a copy always finds it.
+            checkpoint.unencoded = changed.len();
+            self.push(number, checkpoint);
+            let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+            for customer in changed {
+                frozen.insert(customer, (number, id));
+            }
+            self.frozen_count.store(frozen.len(), Ordering::Relaxed);
+            froze = true;
         }
         drop(partitions);
         if froze {
             let changelog = Arc::downgrade(self);
             tokio::task::spawn_blocking(move || encode_in_background(&changelog));
         }
+    }
+
+    /// Appends `checkpoint` to partition `number`'s log.
+    fn push(&self, number: i32, checkpoint: Checkpoint) {
+        self.lock()
+            .entry(number)
+            .or_default()
+            .checkpoints
+            .push_back(checkpoint);
     }
 
     /// A state record of `state`, including `positions`.
@@ -289,15 +297,15 @@ impl Changelog {
     /// `state` (`None`: it left the store, nothing to write). Called with the customer's
     /// lock held, before the frozen list's.
     fn unfreeze(&self, customer: &str, state: Option<&CustomerState>) {
-        let taken = self
-            .frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove_entry(customer);
+        let taken = {
+            let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+            let taken = frozen.remove_entry(customer);
+            self.frozen_count.store(frozen.len(), Ordering::Relaxed);
+            taken
+        };
         let Some((customer, (number, id))) = taken else {
             return;
         };
-        self.frozen_count.fetch_sub(1, Ordering::Relaxed);
         let mut logs = self.lock();
         let Some(checkpoint) = logs
             .get_mut(&number)
@@ -448,16 +456,10 @@ impl Changelog {
     /// Forgets the partitions `which` selects (revoked): their unsent checkpoints are
     /// dropped, and a later owner writes its own dictionary.
     pub fn forget(&self, which: impl Fn(i32) -> bool) {
-        self.frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, (number, _)| {
-                let keep = !which(*number);
-                if !keep {
-                    self.frozen_count.fetch_sub(1, Ordering::Relaxed);
-                }
-                keep
-            });
+        let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+        frozen.retain(|_, (number, _)| !which(*number));
+        self.frozen_count.store(frozen.len(), Ordering::Relaxed);
+        drop(frozen);
         self.lock().retain(|&number, _| !which(number));
         self.settled.notify_all();
     }
@@ -595,30 +597,39 @@ mod tests {
         }
     }
 
-    /// Each customer's recorded count of events in the checkpoints ready to send.
-    fn recorded_events(changelog: &Changelog) -> HashMap<Box<str>, u64> {
+    /// Per checkpoint ready to send, oldest first: each customer's recorded count of
+    /// events.
+    fn recorded_events(changelog: &Changelog) -> Vec<HashMap<Box<str>, u64>> {
         let (outgoing, _) = changelog.ready(&OffsetTracker::new());
         outgoing
             .iter()
-            .flat_map(|batch| batch.records.iter())
-            .filter(|(key, _)| !key.starts_with('\u{0}'))
-            .map(|(key, value)| {
-                let record = read_record(value).unwrap();
-                (
-                    key.clone(),
-                    decode_state(record.state).unwrap().customer.events,
-                )
+            .map(|batch| {
+                batch
+                    .records
+                    .iter()
+                    .filter(|(key, _)| !key.starts_with('\u{0}'))
+                    .map(|(key, value)| {
+                        let record = read_record(value).unwrap();
+                        (
+                            key.clone(),
+                            decode_state(record.state).unwrap().customer.events,
+                        )
+                    })
+                    .collect()
             })
             .collect()
     }
 
-    /// A deferred checkpoint's records hold each customer as it was at the checkpoint,
+    /// Deferred checkpoints' records hold each customer as it was at its checkpoint,
     /// whether the background copy or the write hook (a customer written to first)
-    /// encoded it; the checkpoint goes out only once all are encoded.
+    /// encoded it — also when the next checkpoint comes before the copy is done; a
+    /// checkpoint goes out only once all its customers are encoded.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_deferred_checkpoint_records_its_customers_as_they_were_at_it() {
+    async fn deferred_checkpoints_record_their_customers_as_they_were_at_them() {
         let customers: Vec<String> = (0..2_000).map(|i| format!("c-{i}")).collect();
         let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
+        let mut reversed = customers.clone();
+        reversed.reverse();
         let rules = RuleSet::compile(&[SegmentDef::new("seen", "count(page_view) >= 1")]).unwrap();
         let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
         let changelog = Changelog::new("changelog", &engine);
@@ -626,19 +637,25 @@ mod tests {
         let tracker = OffsetTracker::new();
         page_views(&engine, &partitions, &customers, 1_000);
         changelog.checkpoint(&[0], &partitions, &tracker, true);
-        // Written to while the copy runs: the last ones most likely before it gets there.
-        let mut reversed = customers.clone();
-        reversed.reverse();
-        page_views(&engine, &partitions, &reversed, 2_000);
+        // Half written to while the copy runs (the last ones most likely before it gets
+        // there), then the next checkpoint at once, then those written to again.
+        let half = &reversed[..1_000];
+        page_views(&engine, &partitions, half, 2_000);
+        changelog.checkpoint(&[0], &partitions, &tracker, true);
+        page_views(&engine, &partitions, half, 3_000);
         changelog.encode_frozen(|_| true);
         let recorded = recorded_events(&changelog);
-        assert_eq!(recorded.len(), customers.len());
-        assert!(recorded.values().all(|&events| events == 1), "{recorded:?}");
+        assert_eq!(recorded.len(), 2, "two checkpoints");
+        assert_eq!(recorded[0].len(), customers.len());
+        assert!(recorded[0].values().all(|&e| e == 1), "{:?}", recorded[0]);
+        assert_eq!(recorded[1].len(), half.len());
+        assert!(recorded[1].values().all(|&e| e == 2), "{:?}", recorded[1]);
 
-        // The next checkpoint, taken at once, holds the second page views.
+        // One taken at once holds the third page views.
         changelog.checkpoint(&[0], &partitions, &tracker, false);
         let recorded = recorded_events(&changelog);
-        assert_eq!(recorded.len(), customers.len());
-        assert!(recorded.values().all(|&events| events == 2));
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].len(), half.len());
+        assert!(recorded[0].values().all(|&events| events == 3));
     }
 }
