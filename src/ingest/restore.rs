@@ -308,6 +308,7 @@ impl Restorer {
         tracing::info!(
             partition = restored.number,
             records = restored.records,
+            resume_at = ?restored.resume_at,
             seconds,
             "Restored state from the changelog."
         );
