@@ -327,17 +327,22 @@ impl Changelog {
         if self.frozen_count.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let customers: Vec<Box<str>> = self
-            .frozen
+        for customer in self.frozen_ids(which, usize::MAX) {
+            self.encode_one(&customer);
+        }
+    }
+
+    /// Up to `limit` frozen customers of the partitions `which` selects (copied out, so
+    /// the list is not locked while they are encoded).
+    fn frozen_ids(&self, which: impl Fn(i32) -> bool, limit: usize) -> Vec<Box<str>> {
+        self.frozen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|(_, (number, _))| which(*number))
+            .take(limit)
             .map(|(customer, _)| customer.clone())
-            .collect();
-        for customer in customers {
-            self.encode_one(&customer);
-        }
+            .collect()
     }
 
     /// Encodes frozen customer `customer`, if it still is frozen.
@@ -521,14 +526,7 @@ fn encode_in_background(changelog: &Weak<Changelog>) {
         let Some(changelog) = changelog.upgrade() else {
             return;
         };
-        let batch: Vec<Box<str>> = changelog
-            .frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .take(BATCH)
-            .cloned()
-            .collect();
+        let batch = changelog.frozen_ids(|_| true, BATCH);
         if batch.is_empty() {
             return;
         }
