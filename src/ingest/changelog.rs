@@ -124,9 +124,9 @@ pub struct Changelog {
     /// Customers a checkpoint has frozen and not yet encoded: `(partition number,
     /// checkpoint id)` by customer id.
     frozen: Mutex<HashMap<Box<str>, (i32, u64), foldhash::fast::RandomState>>,
-    /// How many are frozen (the write hook's test, without the lock); set under the
-    /// lock, after each change.
-    frozen_count: AtomicUsize,
+    /// How many are frozen (the write hook's test, without the lock or the changelog
+    /// itself: shared with the hook); set under the lock, after each change.
+    frozen_count: Arc<AtomicUsize>,
     /// The engine whose customers it encodes.
     engine: Engine,
 }
@@ -147,15 +147,20 @@ impl Changelog {
             settled: Condvar::new(),
             next_id: std::sync::atomic::AtomicU64::new(1),
             frozen: Mutex::default(),
-            frozen_count: AtomicUsize::new(0),
+            frozen_count: Arc::default(),
             engine: engine.clone(),
         });
+        // Every event passes the hook: with nothing frozen it reads one counter, without
+        // reaching the changelog.
         let hooked = Arc::downgrade(&changelog);
+        let frozen = changelog.frozen_count.clone();
         engine
             .store()
             .set_write_hook(Box::new(move |id: &str, state: &CustomerState| {
-                if let Some(changelog) = hooked.upgrade() {
-                    changelog.before_write(id, state);
+                if frozen.load(Ordering::Relaxed) > 0
+                    && let Some(changelog) = hooked.upgrade()
+                {
+                    changelog.unfreeze(id, Some(state));
                 }
             }));
         changelog
@@ -284,13 +289,6 @@ impl Changelog {
             summary: Summary::of(state),
             state,
         })
-    }
-
-    /// The store's write hook: a frozen customer about to change is encoded first.
-    fn before_write(&self, customer: &str, state: &CustomerState) {
-        if self.frozen_count.load(Ordering::Relaxed) > 0 {
-            self.unfreeze(customer, Some(state));
-        }
     }
 
     /// If `customer` is still frozen: no longer, and its checkpoint gets a record of
