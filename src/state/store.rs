@@ -53,9 +53,7 @@ impl Stored {
     fn partition(&self) -> i32 {
         match self {
             Stored::Active { state, .. } => state.partition,
-            Stored::Idle(bytes) | Stored::Packed(bytes) => {
-                i32::from_le_bytes(bytes[..4].try_into().expect("idle states start with it"))
-            }
+            Stored::Idle(bytes) | Stored::Packed(bytes) => partition_of(bytes),
         }
     }
 
@@ -94,7 +92,7 @@ impl Stored {
 /// Decodes a packed customer. Bytes that do not unpack (only a bug could cause it: they
 /// are this process's own) give an empty state, logged, as in [`decode_state_bytes`].
 fn unpack_idle(bytes: &[u8], packer: Option<&Packer>) -> CustomerState {
-    let partition = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let partition = partition_of(bytes);
     let unpacked = packer
         .ok_or_else(|| "the store has no dictionary".to_owned())
         .and_then(|packer| {
@@ -109,6 +107,11 @@ fn unpack_idle(bytes: &[u8], packer: Option<&Packer>) -> CustomerState {
             ..CustomerState::default()
         }
     })
+}
+
+/// The input partition number an idle or packed customer's bytes start with.
+fn partition_of(bytes: &[u8]) -> i32 {
+    i32::from_le_bytes(bytes[..4].try_into().expect("idle states start with it"))
 }
 
 /// An idle customer's encoding.
@@ -126,7 +129,7 @@ fn encode_idle(state: &CustomerState) -> Box<[u8]> {
 /// Decodes an idle customer (written by [`encode_idle`], or a changelog record's state
 /// bytes).
 fn decode_idle(bytes: &[u8]) -> CustomerState {
-    let partition = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let partition = partition_of(bytes);
     decode_state_bytes(partition, &bytes[4..])
 }
 
