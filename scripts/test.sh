@@ -17,13 +17,21 @@ if [ -z "$tansu" ] || ! "$tansu" --version 2>/dev/null | grep -q "$tansu_version
 fi
 export TANSU_BINARY="$tansu"
 
+# The test runner: cargo-nextest (on the machine image; installed if missing). It runs each
+# test in its own process and stops one that hangs (.config/nextest.toml).
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "Installing cargo-nextest (once)..." >&2
+    cargo install cargo-nextest --locked
+fi
+
 # Every test target (there are no doctests); the closing line sums all of them.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --lib --bins --tests 2>&1 | tee "$log"
+cargo nextest run --lib --bins --tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "segmentd: %d passed, %d failed\n", p, f }' "$log"
+summary=$(grep -E '^ *Summary \[' "$log" | tail -n 1)
+count() { grep -oE "[0-9]+ $1" <<<"$summary" | grep -oE '^[0-9]+' || echo 0; }
+echo "segmentd: $(count passed) passed, $(($(count failed) + $(count 'timed out'))) failed"
 exit "$status"

@@ -83,6 +83,7 @@ impl Service {
     /// Starts the service reading `clock` as its wall clock (a manual one lets a test
     /// move idle partitions' watermarks without waiting).
     pub async fn start_with_clock(config: Config, clock: WallClock) -> Service {
+        log_to_test_output();
         let rules = config.rule_set().expect("rules compile");
         let background = segmentd::ingest::spawn(config, rules, clock)
             .await
@@ -116,6 +117,17 @@ impl Service {
             .await
             .expect("stops within 30s")
     }
+}
+
+/// Sends the service's log lines (info and above, or as `RUST_LOG` says) to the test's
+/// output, which the test runner shows when the test fails or hangs. Once per process.
+pub fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("segmentd=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, failing after `limit`.
