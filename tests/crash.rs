@@ -51,7 +51,10 @@ impl Instance {
             .args(["run", "-c"])
             .arg(config)
             .env("SEGMENTD_HTTP__LISTEN", http.to_string())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stderr(
                 std::fs::OpenOptions::new()
                     .create(true)

@@ -1,7 +1,8 @@
 //! The consumer: its configuration and its context (rebalance and statistics callbacks).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
@@ -42,6 +43,11 @@ pub struct IngestContext {
     /// to, after a failure): the revocation that closing the consumer then brings only
     /// drops state, so closing neither waits for a broker again nor writes anything.
     finished: AtomicBool,
+    /// The partition numbers this member owns, as its rebalance callbacks assigned and
+    /// revoked them. Kept here instead of asked of librdkafka: asking for the assignment
+    /// from inside a callback can block for good while the consumer closes (seen: a
+    /// shutdown hung in `rd_kafka_assignment` under the revocation that closing brings).
+    owned: Mutex<BTreeSet<i32>>,
 }
 
 /// What revocation and assignment need when state is durable.
@@ -80,6 +86,7 @@ impl IngestContext {
             inputs,
             durable,
             finished: AtomicBool::new(false),
+            owned: Mutex::default(),
         }
     }
 
@@ -154,20 +161,21 @@ impl IngestContext {
         (list, numbers)
     }
 
-    /// Drops the watermark and timers of partition numbers no longer assigned on any
-    /// input topic: their customers' timers are now another instance's to fire.
-    fn forget_revoked(&self, consumer: &BaseConsumer<Self>) {
-        let assigned: std::collections::BTreeSet<i32> = match consumer.assignment() {
-            Ok(list) => list.elements().iter().map(|p| p.partition()).collect(),
-            Err(err) => {
-                tracing::warn!(error = %err, "Cannot read the assignment; keeping every partition's timers.");
-                return;
-            }
-        };
-        self.count_assigned(consumer);
+    /// Updates the owned partition numbers with `change` and counts them in
+    /// `segmentd_assigned_partitions`; returns them.
+    fn update_owned(&self, change: impl FnOnce(&mut BTreeSet<i32>)) -> BTreeSet<i32> {
+        let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut owned);
+        self.metrics.assigned_partitions.set(owned.len() as i64);
+        owned.clone()
+    }
+
+    /// Drops the watermark and timers of partition numbers no longer `owned`: their
+    /// customers' timers are now another instance's to fire.
+    fn forget_revoked(&self, owned: &BTreeSet<i32>) {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         partitions.retain(|number, _| {
-            let keep = assigned.contains(number);
+            let keep = owned.contains(number);
             if !keep {
                 let _ = self
                     .metrics
@@ -176,19 +184,6 @@ impl IngestContext {
             }
             keep
         });
-    }
-
-    /// Sets `segmentd_assigned_partitions` from the consumer's assignment.
-    fn count_assigned(&self, consumer: &BaseConsumer<Self>) {
-        if let Ok(list) = consumer.assignment() {
-            let lead = self.inputs.first();
-            let owned = list
-                .elements()
-                .iter()
-                .filter(|p| lead.is_some_and(|t| t == p.topic()))
-                .count();
-            self.metrics.assigned_partitions.set(owned as i64);
-        }
     }
 
     /// Before partitions go: stop their restores, wait until their in-flight records
@@ -336,17 +331,13 @@ impl ConsumerContext for IngestContext {
         if cooperative && err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             // A partition assigned again while still owned (some brokers repeat an
             // assignment) keeps its state and position: neither assigned nor restored anew.
-            let owned = consumer.assignment().unwrap_or_default();
-            let owned_number = |n: i32| owned.elements().iter().any(|p| p.partition() == n);
-            if numbers.iter().any(|&n| owned_number(n)) {
+            let owned = self.update_owned(|_| ());
+            if numbers.iter().any(|n| owned.contains(n)) {
                 tracing::info!(partitions = ?numbers, "Some assigned partitions are already owned; keeping them as they are.");
-                numbers.retain(|&n| !owned_number(n));
+                numbers.retain(|n| !owned.contains(n));
                 let mut fresh = TopicPartitionList::new();
                 for element in list.elements() {
-                    if owned
-                        .find_partition(element.topic(), element.partition())
-                        .is_none()
-                    {
+                    if !owned.contains(&element.partition()) {
                         fresh.add_partition(element.topic(), element.partition());
                     }
                 }
@@ -365,7 +356,12 @@ impl ConsumerContext for IngestContext {
                     return;
                 }
                 self.metrics.rebalances.inc();
-                self.count_assigned(consumer);
+                self.update_owned(|owned| {
+                    if !cooperative {
+                        owned.clear();
+                    }
+                    owned.extend(&numbers);
+                });
                 self.readiness.assigned();
                 if let Some(durable) = &self.durable {
                     for &number in &numbers {
@@ -388,7 +384,14 @@ impl ConsumerContext for IngestContext {
                 if let Err(err) = result {
                     tracing::warn!(error = %err, "Cannot release the revoked partitions.");
                 }
-                self.forget_revoked(consumer);
+                let owned = self.update_owned(|owned| {
+                    if cooperative {
+                        owned.retain(|n| !numbers.contains(n));
+                    } else {
+                        owned.clear();
+                    }
+                });
+                self.forget_revoked(&owned);
                 self.metrics.rebalances.inc();
                 tracing::info!(partitions = ?numbers, "Partitions revoked.");
             }

@@ -990,6 +990,13 @@ impl Pipeline {
             Ok(mut event) => {
                 event.partition = partition.1;
                 if self.already_applied(&event, &partition, offset) {
+                    tracing::debug!(
+                        topic,
+                        partition = partition.1,
+                        offset,
+                        customer = %event.customer_id,
+                        "Event already in its customer's restored state; skipped."
+                    );
                     self.metrics.events_duplicate.inc();
                     self.tracker.begin(&partition, offset, 0, received);
                     return Ok(());
