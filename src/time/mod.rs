@@ -37,6 +37,90 @@ pub const DAY: Millis = 24 * HOUR;
 /// ending in ` UTC` (`2019-10-01 00:00:04 UTC`, common in exported datasets), read as UTC.
 /// Sub-millisecond digits are truncated. Returns `None` for anything else.
 pub fn parse_timestamp(text: &str) -> Option<Millis> {
+    parse_utc_timestamp(text.as_bytes()).or_else(|| parse_any_timestamp(text))
+}
+
+/// The form nearly every event carries, `YYYY-MM-DDTHH:MM:SS[.fraction]Z` with a year from
+/// 1970 to 9998, read by hand (a fifth of the general parser's time); anything else —
+/// other offsets or separators, a leap second, other years — is `None` and left to
+/// [`parse_any_timestamp`], which gives the same answer for everything this accepts.
+fn parse_utc_timestamp(text: &[u8]) -> Option<Millis> {
+    /// The number written by the ASCII digits `digits`.
+    fn number(digits: &[u8]) -> Option<i64> {
+        digits.iter().try_fold(0i64, |n, &b| {
+            b.is_ascii_digit().then(|| n * 10 + i64::from(b - b'0'))
+        })
+    }
+    let (&b'Z', text) = text.split_last()? else {
+        return None;
+    };
+    if text.len() < 19
+        || text[4] != b'-'
+        || text[7] != b'-'
+        || text[10] != b'T'
+        || text[13] != b':'
+        || text[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (
+        number(&text[0..4])?,
+        number(&text[5..7])?,
+        number(&text[8..10])?,
+    );
+    let (hour, minute, second) = (
+        number(&text[11..13])?,
+        number(&text[14..16])?,
+        number(&text[17..19])?,
+    );
+    let millis = match &text[19..] {
+        [] => 0,
+        [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+            number(fraction)?;
+            let mut millis = [b'0'; 3];
+            let kept = fraction.len().min(3);
+            millis[..kept].copy_from_slice(&fraction[..kept]);
+            number(&millis)?
+        }
+        _ => return None,
+    };
+    if !(1970..=9998).contains(&year)
+        || !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis)
+}
+
+/// The days of `month` (1–12) in `year` of the proleptic Gregorian calendar.
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to `year`-`month`-`day` (a valid date), counting eras of 400
+/// years from 1 March 0000 so that the leap day ends each era's year.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// Every form [`parse_timestamp`] reads, through jiff.
+fn parse_any_timestamp(text: &str) -> Option<Millis> {
     if let Ok(ts) = text.parse::<jiff::Timestamp>() {
         return Some(ts.as_millisecond());
     }
@@ -197,6 +281,31 @@ mod tests {
         assert_eq!(parse_timestamp("2019-10-01 00:00:04"), Some(at));
         assert_eq!(parse_timestamp("2019-10-01T00:00:04"), Some(at));
         assert_eq!(parse_timestamp("2019-10-01 00:00:04Z"), Some(at));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// The hand-read UTC form agrees with jiff on every string of its shape, valid or
+        /// not (months, days, hours, minutes and seconds beyond their ranges, leap days,
+        /// fractions of 0 to 10 digits, years outside the hand-read range).
+        #[test]
+        fn the_utc_fast_path_agrees_with_the_general_parser(
+            year in 1960i64..10_000,
+            month in 0i64..14,
+            day in 0i64..33,
+            hour in 0i64..25,
+            minute in 0i64..61,
+            second in 0i64..62,
+            fraction in proptest::option::of("[0-9]{0,10}"),
+        ) {
+            let mut text = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}");
+            if let Some(digits) = fraction {
+                text.push('.');
+                text.push_str(&digits);
+            }
+            text.push('Z');
+            proptest::prop_assert_eq!(parse_timestamp(&text), parse_any_timestamp(&text), "{}", text);
+        }
     }
 
     #[test]
