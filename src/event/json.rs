@@ -4,9 +4,10 @@
 //! a B-tree for every object, then the event's fields are copied out again. An input event
 //! has a dozen keys, read once each: here strings without escapes stay slices of the
 //! payload and an object is a small vector of pairs, so parsing allocates one vector per
-//! object and the copies into [`Event`](super::Event) are the only ones made. serde_json
-//! still does the tokenizing, so syntax errors, number range checks and the nesting limit
-//! are exactly its own.
+//! object and the copies into [`Event`](super::Event) are the only ones made. The common
+//! forms are read by a reader of our own ([`super::scan`]); everything else — escapes,
+//! rare numbers, syntax errors, deep nesting — by serde_json, so errors, number range
+//! checks and the nesting limit are exactly its own.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -101,7 +102,7 @@ impl<'a> Object<'a> {
     /// Builds an object from its members as written: a key written again replaces the
     /// value where the key first stood. Linear in the members, also for hostile payloads
     /// of thousands of keys.
-    fn from_members(members: Vec<(Cow<'a, str>, Json<'a>)>) -> Object<'a> {
+    pub(super) fn from_members(members: Vec<(Cow<'a, str>, Json<'a>)>) -> Object<'a> {
         let repeats = if members.len() <= 16 {
             (1..members.len()).any(|i| members[..i].iter().any(|(k, _)| *k == members[i].0))
         } else {
@@ -127,13 +128,17 @@ impl<'a> Object<'a> {
 }
 
 impl<'a> Json<'a> {
-    /// Parses a payload; errors are serde_json's own (position included).
+    /// Parses a payload: by [`super::scan`] when it can, else by serde_json; errors are
+    /// serde_json's own (position included).
     pub fn parse(payload: &'a [u8]) -> Result<Json<'a>, serde_json::Error> {
         // One check of the whole payload is cheaper than serde_json's check of each string
         // read from bytes; a payload that fails it is read as bytes, for serde_json's
         // error with its position.
         match std::str::from_utf8(payload) {
-            Ok(text) => serde_json::from_str(text),
+            Ok(text) => match super::scan::document(text) {
+                Some(document) => Ok(document),
+                None => serde_json::from_str(text),
+            },
             Err(_) => serde_json::from_slice(payload),
         }
     }

@@ -10,6 +10,7 @@
 
 pub mod json;
 pub mod native;
+mod scan;
 pub mod segment_spec;
 
 use std::hash::{BuildHasher, Hasher};
