@@ -364,11 +364,17 @@ pub(crate) fn timestamp(object: &Object<'_>, key: &str) -> Result<Millis, Invali
 
 /// Keeps the scalar entries of a JSON object as [`Props`].
 pub(crate) fn scalar_props(object: Option<&Object<'_>>) -> Props {
-    object
-        .into_iter()
-        .flat_map(Object::iter)
-        .filter_map(|(k, v)| Some((k.into(), PropValue::from_json(v)?)))
-        .collect()
+    let Some(object) = object else {
+        return Props::new();
+    };
+    // Sized once: collecting from a filter would grow the vector step by step.
+    let mut props = Props::with_capacity(object.len());
+    props.extend(
+        object
+            .iter()
+            .filter_map(|(k, v)| Some((k.into(), PropValue::from_json(v)?))),
+    );
+    props
 }
 
 /// Whether events of this type carry line items and money (`items`, `revenue`): purchases
