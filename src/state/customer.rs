@@ -586,6 +586,9 @@ mod tests {
             recent_events: vec![whole],
             ..CustomerState::default()
         };
-        assert!(older.check_and_remember(whole), "a whole key written before");
+        assert!(
+            older.check_and_remember(whole),
+            "a whole key written before"
+        );
     }
 }
