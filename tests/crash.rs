@@ -47,6 +47,7 @@ impl Instance {
     fn start(config: &Path, dir: &Path, name: &str) -> Instance {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.join(format!("{name}.log"));
+        mark(&log, STARTED);
         let child = Command::new(BIN)
             .args(["run", "-c"])
             .arg(config)
@@ -75,6 +76,7 @@ impl Instance {
     fn kill(mut self) {
         let _ = self.guard.0.kill();
         let _ = self.guard.0.wait();
+        mark(&self.log, KILLED);
     }
 
     /// SIGTERM, and the graceful exit it must cause.
@@ -132,6 +134,180 @@ impl Rng {
     }
 }
 
+/// The marks the test writes into an instance's log, in the log's own line format, so that
+/// [`overlapping_owners`] knows where each run of the instance began and ended.
+const STARTED: &str = "TEST started by the crash test";
+const KILLED: &str = "TEST killed by the crash test";
+
+/// Appends `what` to the log at `log`, stamped with the time now.
+fn mark(log: &Path, what: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    writeln!(file, "{} {what}", jiff::Timestamp::now()).unwrap();
+}
+
+/// Where the broker broke the group protocol during a run: a partition that two live
+/// instances owned at the same time, by the instances' own logs (assigned and revoked
+/// lines, between the test's start and kill marks and the instance's `Stopped.`), for
+/// more than 50 ms. Kafka revokes a partition before it assigns it elsewhere; Tansu 0.6
+/// sometimes does not, and then two instances apply the same events to two copies of
+/// the same customers, and neither copy's changelog records nor commits can be trusted.
+fn overlapping_owners(dir: &Path) -> Vec<String> {
+    // (partition, owner, from, until), times in milliseconds.
+    let mut owned: Vec<(i32, String, i64, i64)> = Vec::new();
+    for log in instance_logs(dir) {
+        let name = log.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut run = 0;
+        // Partition -> since when, in the instance's current run.
+        let mut open: std::collections::BTreeMap<i32, i64> = Default::default();
+        for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+            let line = strip_ansi(line);
+            let Some(at) = line
+                .split_whitespace()
+                .next()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .map(|t| t.as_millisecond())
+            else {
+                continue;
+            };
+            let numbers = || -> Vec<i32> {
+                line.split_once("partitions=[")
+                    .and_then(|(_, rest)| rest.split_once(']'))
+                    .map(|(list, _)| {
+                        list.split(',')
+                            .filter_map(|n| n.trim().parse().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            if line.contains("Partitions assigned.") {
+                for number in numbers() {
+                    open.entry(number).or_insert(at);
+                }
+                continue;
+            }
+            let which = if line.contains("Partitions revoked.") {
+                Some(numbers())
+            } else if line.contains(STARTED) || line.contains(KILLED) || line.contains("Stopped.") {
+                None
+            } else {
+                continue;
+            };
+            let owner = format!("{name} (run {run})");
+            release(&mut owned, &mut open, &owner, which.as_deref(), at);
+            if line.contains(STARTED) {
+                run += 1;
+            }
+        }
+        release(
+            &mut owned,
+            &mut open,
+            &format!("{name} (run {run})"),
+            None,
+            i64::MAX,
+        );
+    }
+    let mut overlaps = Vec::new();
+    for (i, (p, a, a_from, a_until)) in owned.iter().enumerate() {
+        for (q, b, b_from, b_until) in &owned[i + 1..] {
+            let both = (*a_until).min(*b_until) - (*a_from).max(*b_from);
+            if p == q && a != b && both > 50 {
+                overlaps.push(format!(
+                    "partition {p}: {a} and {b} owned it at once for {both} ms"
+                ));
+            }
+        }
+    }
+    overlaps
+}
+
+/// Ends `owner`'s ownership of the partitions `which` names (`None`: all it holds) at
+/// `at`, moving each from `open` (partition, since) to `owned`.
+fn release(
+    owned: &mut Vec<(i32, String, i64, i64)>,
+    open: &mut std::collections::BTreeMap<i32, i64>,
+    owner: &str,
+    which: Option<&[i32]>,
+    at: i64,
+) {
+    open.retain(|&number, &mut since| {
+        let ends = which.is_none_or(|w| w.contains(&number));
+        if ends {
+            owned.push((number, owner.to_owned(), since, at));
+        }
+        !ends
+    });
+}
+
+/// The ownership check reads the instances' logs as the service writes them: an overlap
+/// of two runs' ownership is found, one partition handed over (revoked, then assigned
+/// elsewhere) or held until a kill is not.
+#[test]
+fn two_owners_of_one_partition_are_found_in_the_logs() {
+    let dir = std::env::temp_dir().join(format!("segmentd-owners-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let line =
+        |at: &str, text: &str| format!("2026-11-27T10:00:{at}Z \u{1b}[32m INFO\u{1b}[0m {text}\n");
+    let i0 = [
+        line("00.000000", STARTED),
+        line(
+            "01.000000",
+            "segmentd::ingest::consumer: Partitions assigned. partitions=[0, 1, 2]",
+        ),
+        line(
+            "05.000000",
+            "segmentd::ingest::consumer: Partitions revoked. partitions=[2]",
+        ),
+        line("20.000000", KILLED),
+    ];
+    let i1 = [
+        line("04.000000", STARTED),
+        line(
+            "06.000000",
+            "segmentd::ingest::consumer: Partitions assigned. partitions=[2]",
+        ),
+        line(
+            "19.000000",
+            "segmentd::ingest::consumer: Partitions assigned. partitions=[1]",
+        ),
+        line(
+            "21.000000",
+            "segmentd::ingest::consumer: Partitions assigned. partitions=[0]",
+        ),
+    ];
+    std::fs::write(dir.join("i0.log"), i0.concat()).unwrap();
+    std::fs::write(dir.join("i1.log"), i1.concat()).unwrap();
+    let overlaps = overlapping_owners(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        overlaps,
+        ["partition 1: i0 (run 1) and i1 (run 1) owned it at once for 1000 ms"]
+    );
+}
+
+/// `line` without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape runs up to and including its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Proves SPEC §5's "nothing lost" for a crashing instance: one instance owns six
 /// partitions; while 24,000 generated events (both formats, some malformed) are
 /// produced, it is killed with SIGKILL at three random moments and restarted after a
@@ -143,7 +319,7 @@ impl Rng {
 /// The seed is printed; `CRASH_SEED` repeats a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_restarts_where_it_left_off() {
-    crash_run(1, &["kill"]).await;
+    crash_runs(1, &["kill"]).await;
 }
 
 /// Proves that an offset is committed only once the states including its message are in
@@ -217,36 +393,66 @@ async fn no_offset_is_committed_ahead_of_the_stored_states() {
 }
 
 /// The same with three instances in one group, a fourth joining and leaving mid-stream.
-/// Ignored: Tansu 0.6 sometimes gives one partition to two live members. Runs: 15 of 18 on
-/// 2026-11-27 (10 of 10 release, 5 of 8 debug); after the fix of the hang in the consumer's
-/// last revocation, 8 of 10 debug runs the same evening, both failures while a memory
-/// benchmark kept both cores busy. One of those never got its group to settle; in the
-/// other, two live members owned partition 1 for 15 seconds (one assigned it 0.8 s before
-/// the other, neither revoked in between) and two customers' changes differed from the
-/// replay's (one of them missing the changes of some of its early events). The
-/// earlier unexplained failure (seed 1795778238126815966) passed when repeated.
-/// Run it with `cargo test --test crash -- --ignored --nocapture`.
+/// Ignored: Tansu 0.6 breaks the group protocol here in every run — it gives partitions to
+/// two live members at once (a restarted member's first assignment often holds all six
+/// for half a second; some overlaps last 15 s), or never assigns a restarted member
+/// again. Two owners apply the same events to two copies of the same customers, and the
+/// outputs can then differ from the replay's through no fault of segmentd's. A run whose
+/// comparison fails *and* whose logs show such a fault is void, and another is made
+/// ([`crash_runs`]); a difference in a run without one fails at once. On 2026-11-27 (the
+/// evening, debug builds, after the fix of a hang in the consumer's last revocation), four
+/// runs of this test made six runs of the traffic: every one had overlapping owners by
+/// [`overlapping_owners`]; four matched the replay exactly all the same, two were void, and
+/// each test passed within its three runs — but with a third void, all three would be about
+/// 4 % of the time, too often for CI. Earlier that day: 15 of 18 passed, and one unexplained
+/// failure (seed 1795778238126815966: a changelog record lacking one input message while
+/// later ones are in it, written before that run's only overlap) passed when repeated.
+/// Run it with `cargo nextest run --test crash --run-ignored all` (or `cargo test --test
+/// crash -- --ignored --nocapture`, which shows the void runs' reasons).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Tansu 0.6 gives one partition to two live members (see the doc comment)"]
+#[ignore = "Tansu 0.6 gives one partition to two live members in every run (see the doc comment)"]
 async fn killed_and_rescaled_instances_publish_what_one_uninterrupted_replay_does() {
-    crash_run(3, &["kill", "scale-up", "scale-down"]).await;
+    crash_runs(3, &["kill", "scale-up", "scale-down"]).await;
 }
 
-/// Runs `base` instances through the fault `kinds` while the traffic flows, then compares
-/// the output with one uninterrupted replay.
-async fn crash_run(base: usize, kinds: &[&str]) {
-    let seed = std::env::var("CRASH_SEED")
+/// How many runs [`crash_runs`] makes at most.
+const ATTEMPTS: usize = 3;
+
+/// Runs [`crash_run`] until a run checks segmentd: a run in which the broker broke the
+/// group protocol ([`overlapping_owners`], or a group that never settles) proves nothing
+/// either way, and another is made with a new seed, [`ATTEMPTS`] in all. Fails if every
+/// run was void. With `CRASH_SEED`, that one run.
+async fn crash_runs(base: usize, kinds: &[&str]) {
+    let fixed: Option<u64> = std::env::var("CRASH_SEED")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
+        .and_then(|s| s.parse().ok());
+    let mut void = Vec::new();
+    for _ in 0..if fixed.is_some() { 1 } else { ATTEMPTS } {
+        let seed = fixed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64
         });
+        match crash_run(base, kinds, seed).await {
+            Ok(()) => return,
+            Err(why) => {
+                println!("CRASH_SEED={seed}: void, the broker broke the group protocol: {why}");
+                void.push(format!("CRASH_SEED={seed}: {why}"));
+            }
+        }
+    }
+    panic!("no run could check segmentd; the broker broke the group protocol in each: {void:#?}");
+}
+
+/// Runs `base` instances through the fault `kinds` (their moments drawn from `seed`)
+/// while the traffic flows, then compares the output with one uninterrupted replay.
+/// `Err`: the run is void, the broker broke the group protocol (why); a difference from
+/// the replay in a run where it did not is a failure (a panic).
+async fn crash_run(base: usize, kinds: &[&str], seed: u64) -> Result<(), String> {
     println!("CRASH_SEED={seed}");
     let mut rng = Rng(seed);
-    let dir = std::env::temp_dir().join(format!("segmentd-crash-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("segmentd-crash-{}-{seed}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (_tansu, brokers) = start_tansu(&dir.join("tansu.log")).await;
     create_topics(
@@ -364,7 +570,12 @@ async fn crash_run(base: usize, kinds: &[&str]) {
                     let mut attempts = 0;
                     while !settled(restarted.http, base, Duration::from_secs(30)).await {
                         attempts += 1;
-                        assert!(attempts < 5, "the broker's group never settled");
+                        if attempts == 5 {
+                            return Err(format!(
+                                "the group never settled after a restart (faults {events:?}; logs in {})",
+                                dir.display()
+                            ));
+                        }
                         restarted.kill();
                         events.push(format!("group stalled: kill -9 i{victim} again"));
                         restarted = Instance::start(&config_path, &dir, &format!("i{victim}"));
@@ -427,6 +638,10 @@ async fn crash_run(base: usize, kinds: &[&str]) {
                     report += &format!("\n  {line}");
                 }
             }
+            let overlaps = overlapping_owners(&dir);
+            if !overlaps.is_empty() {
+                return Err(format!("not every event was committed, and {overlaps:?}"));
+            }
             panic!("CRASH_SEED={seed}, faults {events:?}: not every event was committed:{report}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -439,6 +654,14 @@ async fn crash_run(base: usize, kinds: &[&str]) {
         .filter(|c| expected.get(*c) != actual.get(*c))
         .collect();
     if let Some(customer) = mismatched.first() {
+        let overlaps = overlapping_owners(&dir);
+        if !overlaps.is_empty() {
+            return Err(format!(
+                "{} customers differ from the replay, and {overlaps:?} (logs in {})",
+                mismatched.len(),
+                dir.display()
+            ));
+        }
         dump_customer(&brokers, customer);
         print_warnings(&dir);
     }
@@ -462,6 +685,7 @@ async fn crash_run(base: usize, kinds: &[&str]) {
     for instance in instances.into_iter().flatten() {
         instance.terminate().await;
     }
+    Ok(())
 }
 
 /// Where one customer's changes part from the replay's: the common length, then both
@@ -481,8 +705,8 @@ fn divergence(customer: &str, expected: Option<&Vec<String>>, got: Option<&Vec<S
     )
 }
 
-/// Prints the instances' warnings and errors (a failed run's first clues).
-fn print_warnings(dir: &Path) {
+/// The instances' log files in `dir`, by name.
+fn instance_logs(dir: &Path) -> Vec<PathBuf> {
     let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -491,7 +715,12 @@ fn print_warnings(dir: &Path) {
         .filter(|path| path.extension().is_some_and(|e| e == "log") && !path.ends_with("tansu.log"))
         .collect();
     logs.sort();
-    for log in logs {
+    logs
+}
+
+/// Prints the instances' warnings and errors (a failed run's first clues).
+fn print_warnings(dir: &Path) {
+    for log in instance_logs(dir) {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         for line in text
             .lines()
