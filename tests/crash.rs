@@ -633,6 +633,8 @@ async fn crash_run(base: usize, kinds: &[&str], seed: u64) -> Result<(), String>
                             || l.contains("queue")
                             || l.contains("rebalances")
                             || l.contains("lag")
+                            || l.contains("transactions")
+                            || l.contains("events_total")
                             || l.contains("watermark"))
                 }) {
                     report += &format!("\n  {line}");
