@@ -19,26 +19,26 @@ const MAX_DEPTH: usize = 100;
 /// Reads `text` as one JSON value, or `None` if it is anything this reader leaves to
 /// serde_json.
 pub fn document(text: &str) -> Option<Json<'_>> {
-    let mut reader = Reader {
-        text,
-        bytes: text.as_bytes(),
-        at: 0,
-    };
+    let mut reader = Reader { text, at: 0 };
     let value = reader.value(0)?;
     reader.skip_whitespace();
-    (reader.at == reader.bytes.len()).then_some(value)
+    (reader.at == reader.text.len()).then_some(value)
 }
 
 /// A position in the text being read.
 struct Reader<'a> {
     text: &'a str,
-    bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
+    /// The text as bytes (every token is ASCII).
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
     fn skip_whitespace(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes().get(self.at) {
             self.at += 1;
         }
     }
@@ -46,7 +46,7 @@ impl<'a> Reader<'a> {
     /// The next byte after whitespace, not consumed.
     fn peek(&mut self) -> Option<u8> {
         self.skip_whitespace();
-        self.bytes.get(self.at).copied()
+        self.bytes().get(self.at).copied()
     }
 
     /// Consumes `byte` if it is next (after whitespace).
@@ -70,7 +70,7 @@ impl<'a> Reader<'a> {
 
     fn literal(&mut self, word: &str, value: Json<'a>) -> Option<Json<'a>> {
         let end = self.at + word.len();
-        (self.bytes.get(self.at..end)? == word.as_bytes()).then(|| {
+        (self.bytes().get(self.at..end)? == word.as_bytes()).then(|| {
             self.at = end;
             value
         })
@@ -127,8 +127,8 @@ impl<'a> Reader<'a> {
     /// contents.
     fn string(&mut self) -> Option<&'a str> {
         let start = self.at + 1;
-        let end = start + find_quote_escape_or_control(&self.bytes[start..])?;
-        if self.bytes[end] != b'"' {
+        let end = start + find_quote_escape_or_control(&self.bytes()[start..])?;
+        if self.bytes()[end] != b'"' {
             return None;
         }
         self.at = end + 1;
@@ -141,30 +141,30 @@ impl<'a> Reader<'a> {
     /// nearest `f64` (finite).
     fn number(&mut self) -> Option<Number> {
         let start = self.at;
-        let negative = self.bytes[start] == b'-';
+        let negative = self.bytes()[start] == b'-';
         let mut at = start + usize::from(negative);
         let digits = |at: &mut usize| {
             let from = *at;
-            while self.bytes.get(*at).is_some_and(u8::is_ascii_digit) {
+            while self.bytes().get(*at).is_some_and(u8::is_ascii_digit) {
                 *at += 1;
             }
             *at - from
         };
         let whole = digits(&mut at);
-        if whole == 0 || (whole > 1 && self.bytes[start + usize::from(negative)] == b'0') {
+        if whole == 0 || (whole > 1 && self.bytes()[start + usize::from(negative)] == b'0') {
             return None;
         }
         let mut integer = true;
-        if self.bytes.get(at) == Some(&b'.') {
+        if self.bytes().get(at) == Some(&b'.') {
             at += 1;
             if digits(&mut at) == 0 {
                 return None;
             }
             integer = false;
         }
-        if let Some(b'e' | b'E') = self.bytes.get(at) {
+        if let Some(b'e' | b'E') = self.bytes().get(at) {
             at += 1;
-            if let Some(b'+' | b'-') = self.bytes.get(at) {
+            if let Some(b'+' | b'-') = self.bytes().get(at) {
                 at += 1;
             }
             if digits(&mut at) == 0 {
