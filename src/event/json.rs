@@ -89,14 +89,9 @@ impl<'a> Object<'a> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    /// How many members it has.
-    pub fn len(&self) -> usize {
+    /// How many members it has (to size what is built from it).
+    pub(crate) fn len(&self) -> usize {
         self.0.len()
-    }
-
-    /// Whether it has no members.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Whether `key` is present.
