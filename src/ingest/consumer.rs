@@ -161,6 +161,11 @@ impl IngestContext {
         (list, numbers)
     }
 
+    /// The partition numbers this member owns now.
+    fn owned(&self) -> BTreeSet<i32> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Updates the owned partition numbers with `change` and counts them in
     /// `segmentd_assigned_partitions`; returns them.
     fn update_owned(&self, change: impl FnOnce(&mut BTreeSet<i32>)) -> BTreeSet<i32> {
@@ -331,7 +336,7 @@ impl ConsumerContext for IngestContext {
         if cooperative && err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             // A partition assigned again while still owned (some brokers repeat an
             // assignment) keeps its state and position: neither assigned nor restored anew.
-            let owned = self.update_owned(|_| ());
+            let owned = self.owned();
             if numbers.iter().any(|n| owned.contains(n)) {
                 tracing::info!(partitions = ?numbers, "Some assigned partitions are already owned; keeping them as they are.");
                 numbers.retain(|n| !owned.contains(n));
