@@ -309,6 +309,32 @@ mod tests {
     }
 
     #[test]
+    fn the_common_utc_form_is_read_by_hand() {
+        // 2026-11-23T10:21:14.123Z is 1,795,429,274,123 ms after the epoch.
+        let expected = Some(1_795_429_274_123);
+        assert_eq!(parse_any_timestamp("2026-11-23T10:21:14.123Z"), expected);
+        assert_eq!(parse_utc_timestamp(b"2026-11-23T10:21:14.123Z"), expected);
+        assert_eq!(
+            parse_utc_timestamp(b"2026-11-23T10:21:14.123456789Z"),
+            expected
+        );
+        assert_eq!(
+            parse_utc_timestamp(b"2028-02-29T00:00:00Z"),
+            parse_any_timestamp("2028-02-29T00:00:00Z")
+        );
+        assert!(parse_utc_timestamp(b"2028-02-29T00:00:00Z").is_some());
+        // Left to jiff: other offsets and separators, a leap second, impossible dates.
+        for other in [
+            "2026-11-23T11:21:14.123+01:00",
+            "2026-11-23 10:21:14Z",
+            "2026-11-23T23:59:60Z",
+            "2027-02-29T00:00:00Z",
+        ] {
+            assert_eq!(parse_utc_timestamp(other.as_bytes()), None, "{other}");
+        }
+    }
+
+    #[test]
     fn unreadable_timestamps_are_rejected() {
         for text in [
             "",
