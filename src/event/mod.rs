@@ -243,6 +243,23 @@ pub fn parse_event(payload: &[u8], max_bytes: usize) -> Result<Event, InvalidEve
             ),
         ));
     }
+    // Nearly every event is read directly; the rest (another format, rare JSON forms,
+    // anything invalid) through a document, which also words the errors.
+    let direct = std::str::from_utf8(payload)
+        .ok()
+        .and_then(native::read_direct);
+    let mut event = match direct {
+        Some(event) => event,
+        None => from_document(payload)?,
+    };
+    if event.dedup_key == 0 {
+        event.dedup_key = stable_hash(payload);
+    }
+    Ok(event)
+}
+
+/// Reads `payload` as a JSON document, then as whichever format it is in.
+fn from_document(payload: &[u8]) -> Result<Event, InvalidEvent> {
     let value = Json::parse(payload)
         .map_err(|err| InvalidEvent::new(InvalidReason::InvalidJson, err.to_string()))?;
     let Json::Object(object) = value else {
@@ -251,15 +268,11 @@ pub fn parse_event(payload: &[u8], max_bytes: usize) -> Result<Event, InvalidEve
             format!("expected a JSON object, got {}", value.kind()),
         ));
     };
-    let mut event = if segment_spec::looks_like(&object) {
-        segment_spec::from_object(object)?
+    if segment_spec::looks_like(&object) {
+        segment_spec::from_object(object)
     } else {
-        native::from_object(object)?
-    };
-    if event.dedup_key == 0 {
-        event.dedup_key = stable_hash(payload);
+        native::from_object(object)
     }
-    Ok(event)
 }
 
 /// A 64-bit hash that is the same in every process and every run (fixed seed), so dedup
@@ -385,13 +398,18 @@ pub(crate) fn carries_money(event_type: &str) -> bool {
 
 /// Reads line items from an array field (`items` or `products`).
 pub(crate) fn items(properties: Option<&Object<'_>>, key: &str) -> Result<Vec<Item>, InvalidEvent> {
-    let Some(properties) = properties else {
-        return Ok(Vec::new());
-    };
-    let lines = match properties.get(key) {
-        None | Some(Json::Null) => return Ok(Vec::new()),
-        Some(Json::Array(lines)) => lines,
-        Some(other) => return Err(wrong_type(key, "an array", other)),
+    match properties.and_then(|p| p.get(key)) {
+        None => Ok(Vec::new()),
+        Some(value) => item_lines(value, key),
+    }
+}
+
+/// Reads line items from the value of the array field `key`; `null` is none.
+pub(crate) fn item_lines(value: &Json<'_>, key: &str) -> Result<Vec<Item>, InvalidEvent> {
+    let lines = match value {
+        Json::Null => return Ok(Vec::new()),
+        Json::Array(lines) => lines,
+        other => return Err(wrong_type(key, "an array", other)),
     };
     lines
         .iter()
@@ -431,14 +449,16 @@ pub(crate) fn revenue(
             }
         }
     }
-    if items.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(
+    Ok(items_total(items))
+}
+
+/// What a purchase's or refund's lines add up to; `None` without lines.
+pub(crate) fn items_total(items: &[Item]) -> Option<f64> {
+    (!items.is_empty()).then(|| {
         items
             .iter()
-            .fold(0.0, |total, i| total + i.price * i.quantity),
-    ))
+            .fold(0.0, |total, i| total + i.price * i.quantity)
+    })
 }
 
 #[cfg(test)]

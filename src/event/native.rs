@@ -10,11 +10,15 @@
 //! `traits` (for `identify`) may stand at the top level or inside `properties`; purchase
 //! lines are `properties.items`.
 
-use super::json::Object;
+use std::borrow::Cow;
+
+use super::json::{Json, Object};
+use super::scan::Reader;
 use super::{
-    Event, InvalidEvent, InvalidReason, carries_money, customer_id, items, opt_object, opt_str,
-    revenue, scalar_props, stable_hash, timestamp,
+    Event, InvalidEvent, InvalidReason, PropValue, Props, carries_money, customer_id, item_lines,
+    items, items_total, lookup, opt_object, opt_str, revenue, scalar_props, stable_hash, timestamp,
 };
+use crate::time;
 
 /// Builds an [`Event`] from a native-format object.
 pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
@@ -61,9 +65,197 @@ pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
     })
 }
 
+/// Reads a native-format event straight from its text, building the [`Event`] as the
+/// members go by instead of reading a document first (`parse/native` in `benches/engine.rs`
+/// measures both). Only for the common case — the payload within what [`Reader`] reads,
+/// every field of its expected type, no key repeated, nothing wrong — and `None` for
+/// anything else, every invalid event included: the caller then reads a document and calls
+/// [`from_object`], which gives the same event or the precise error. A property test holds
+/// the two ways to the same events.
+pub(super) fn read_direct(text: &str) -> Option<Event> {
+    let mut reader = Reader::new(text);
+    let mut seen = 0u8;
+    let mut event_type = None;
+    let mut customer = None;
+    let mut ts = None;
+    let mut event_id = None;
+    let mut session_id = None;
+    let mut properties = Properties::default();
+    let mut context = Props::new();
+    let mut traits = None;
+    reader.members(1, |reader, key| {
+        let bit = match key {
+            "type" => 1,
+            "customer_id" => 2,
+            "ts" => 4,
+            "event_id" => 8,
+            "session_id" => 16,
+            "properties" => 32,
+            "context" => 64,
+            "traits" => 128,
+            _ => return reader.value(1).map(drop),
+        };
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        match key {
+            "type" => event_type = Some(borrowed_str(reader.value(1)?)?),
+            "customer_id" => customer = Some(borrowed_str(reader.value(1)?)?),
+            "ts" => {
+                ts = Some(match reader.value(1)? {
+                    Json::Str(Cow::Borrowed(text)) => time::parse_timestamp(text)?,
+                    Json::Num(n) => n.as_i64().filter(|ms| *ms >= 0)?,
+                    _ => return None,
+                });
+            }
+            "event_id" => event_id = optional_str(reader.value(1)?)?,
+            "session_id" => session_id = optional_str(reader.value(1)?)?,
+            "properties" => {
+                let (mut items, mut nested_traits) = (None, None);
+                let scalars = scalar_members(reader, |key, value| {
+                    match key {
+                        "items" => items = Some(value),
+                        "traits" => nested_traits = Some(value),
+                        // Money in a container is an error for a purchase: left to from_object.
+                        "revenue" | "total" => return None,
+                        _ => {}
+                    }
+                    Some(())
+                })?;
+                properties = Properties {
+                    scalars: scalars.unwrap_or_default(),
+                    items,
+                    traits: nested_traits,
+                };
+            }
+            "context" => context = scalar_members(reader, |_, _| Some(()))?.unwrap_or_default(),
+            _ => traits = scalar_members(reader, |_, _| Some(()))?,
+        }
+        Some(())
+    })?;
+    if !reader.finished() {
+        return None;
+    }
+    let event_type = event_type.filter(|t| !t.trim().is_empty())?;
+    let customer_id = customer_id(customer, "customer_id").ok()?;
+    let traits = match (traits, properties.traits) {
+        (Some(traits), _) => traits,
+        (None, Some(Json::Object(nested))) => scalar_props(Some(&nested)),
+        (None, Some(_)) => return None,
+        (None, None) if is_set(&properties.scalars, "traits") => return None,
+        (None, None) => Props::new(),
+    };
+    let (items, revenue) = if carries_money(event_type) {
+        if is_set(&properties.scalars, "items") {
+            return None;
+        }
+        let items = match &properties.items {
+            Some(lines) => item_lines(lines, "items").ok()?,
+            None => Vec::new(),
+        };
+        let mut revenue = None;
+        for key in ["revenue", "total"] {
+            match lookup(&properties.scalars, key) {
+                None | Some(PropValue::Null) => {}
+                Some(PropValue::Num(money)) => {
+                    revenue = Some(*money);
+                    break;
+                }
+                Some(_) => return None,
+            }
+        }
+        let revenue = revenue.or_else(|| items_total(&items));
+        (items, revenue)
+    } else {
+        (Vec::new(), None)
+    };
+    Some(Event {
+        event_id: event_id.map(Into::into),
+        dedup_key: event_id.map_or(0, |id| stable_hash(id.as_bytes())),
+        event_type: event_type.into(),
+        customer_id,
+        ts: ts?,
+        session_id: session_id.map(Into::into),
+        properties: properties.scalars,
+        items,
+        context,
+        traits,
+        revenue,
+        partition: 0,
+    })
+}
+
+/// What [`read_direct`] keeps of `properties`: its scalars, and the containers the event
+/// reads (`items`, and `traits` when they are not at the top level).
+#[derive(Default)]
+struct Properties<'a> {
+    scalars: Props,
+    items: Option<Json<'a>>,
+    traits: Option<Json<'a>>,
+}
+
+/// The most members [`scalar_members`] reads in one object (more: left to the document).
+const MAX_DIRECT_MEMBERS: usize = 32;
+
+/// Reads the value at `reader` as an object of properties (two levels deep), keeping its
+/// scalar members in order and handing each container member to `container`. `Some(None)`
+/// for `null`; `None` for anything else, a repeated key, or more than
+/// [`MAX_DIRECT_MEMBERS`] members.
+fn scalar_members<'a>(
+    reader: &mut Reader<'a>,
+    mut container: impl FnMut(&'a str, Json<'a>) -> Option<()>,
+) -> Option<Option<Props>> {
+    if reader.peek()? == b'n' {
+        return matches!(reader.value(1)?, Json::Null).then_some(None);
+    }
+    let mut props = Props::new();
+    let mut keys = [""; MAX_DIRECT_MEMBERS];
+    let mut count = 0;
+    reader.members(2, |reader, key| {
+        if count == keys.len() || keys[..count].contains(&key) {
+            return None;
+        }
+        keys[count] = key;
+        count += 1;
+        let value = reader.value(2)?;
+        match PropValue::from_json(&value) {
+            Some(scalar) => props.push((key.into(), scalar)),
+            None => container(key, value)?,
+        }
+        Some(())
+    })?;
+    Some(Some(props))
+}
+
+/// The text of a string value as the reader found it.
+fn borrowed_str(value: Json<'_>) -> Option<&str> {
+    match value {
+        Json::Str(Cow::Borrowed(text)) => Some(text),
+        _ => None,
+    }
+}
+
+/// An optional string field: `Some(None)` for `null`, `None` for another type.
+fn optional_str(value: Json<'_>) -> Option<Option<&str>> {
+    match value {
+        Json::Null => Some(None),
+        other => borrowed_str(other).map(Some),
+    }
+}
+
+/// Whether `props` holds `key` with a value other than `null`.
+fn is_set(props: &Props, key: &str) -> bool {
+    lookup(props, key).is_some_and(|value| *value != PropValue::Null)
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::event::{InvalidReason, PropValue, parse_event};
+    use proptest::prelude::*;
+
+    use super::read_direct;
+    use crate::event::{InvalidReason, PropValue, from_document, parse_event};
+    use crate::generate::{Format, Generator, GeneratorConfig};
     use crate::time::parse_timestamp;
 
     const LIMIT: usize = 64 * 1024;
@@ -169,6 +361,117 @@ mod tests {
         for (payload, expected) in cases {
             let err = parse_event(payload.as_bytes(), LIMIT).unwrap_err();
             assert_eq!(err.reason, expected, "{payload}: {err}");
+        }
+    }
+
+    /// Generated native traffic, purchases and identifies included, takes the direct way.
+    #[test]
+    fn generated_events_are_read_directly_as_the_document_reads_them() {
+        let mut generator = Generator::new(GeneratorConfig {
+            seed: 3,
+            customers: 500,
+            format: Format::Native,
+            invalid_share: 0.0,
+        });
+        let mut types = std::collections::BTreeSet::new();
+        for i in 0..5_000 {
+            let payload = generator.next_at(1_767_225_600_000 + i * 10).payload;
+            let text = std::str::from_utf8(&payload).unwrap();
+            let direct = read_direct(text).unwrap_or_else(|| panic!("not read directly: {text}"));
+            assert_eq!(Ok(&direct), from_document(&payload).as_ref(), "{text}");
+            types.insert(direct.event_type.to_string());
+        }
+        for kind in ["purchase", "identify", "add_to_cart", "page_view"] {
+            assert!(types.contains(kind), "no {kind} among {types:?}");
+        }
+    }
+
+    /// A JSON value for a member of a hostile native event: every type, right and wrong.
+    fn member_value() -> impl Strategy<Value = String> {
+        let scalar = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("\"\"".to_owned()),
+            Just("\" \"".to_owned()),
+            Just("\"purchase\"".to_owned()),
+            Just("\"refund\"".to_owned()),
+            Just("\"page_view\"".to_owned()),
+            Just("\"c-1\"".to_owned()),
+            Just(format!("\"{}\"", "c".repeat(300))),
+            Just("\"2026-11-23T10:21:14.123Z\"".to_owned()),
+            Just("\"yesterday\"".to_owned()),
+            Just("\"tab\\tbed\"".to_owned()),
+            (-5i64..5).prop_map(|n| n.to_string()),
+            Just("1767225600000".to_owned()),
+            Just("12.5".to_owned()),
+        ];
+        scalar.prop_recursive(3, 24, 6, |inner| {
+            let key = prop_oneof![
+                Just("items"),
+                Just("traits"),
+                Just("revenue"),
+                Just("total"),
+                Just("price"),
+                Just("quantity"),
+                Just("product_id"),
+                Just("category"),
+                Just("sku"),
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec((key, inner), 0..5).prop_map(|members| {
+                    let members: Vec<String> = members
+                        .iter()
+                        .map(|(k, v)| format!("\"{k}\":{v}"))
+                        .collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever the direct way reads, the document way reads the same; what it leaves,
+        /// the document way reads or rejects on its own.
+        #[test]
+        fn the_direct_way_reads_what_the_document_reads(
+            members in prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just("type"), Just("customer_id"), Just("ts"), Just("event_id"),
+                        Just("session_id"), Just("properties"), Just("context"),
+                        Just("traits"), Just("userId"), Just("other"),
+                    ],
+                    prop_oneof![
+                        3 => member_value(),
+                        1 => prop_oneof![
+                            Just(r#"{"items":[{"product_id":"p-1","price":10,"quantity":2}]}"#),
+                            Just(r#"{"items":[{"sku":"p-2","price":5}],"revenue":null,"total":7}"#),
+                            Just(r#"{"items":[{"id":3}],"traits":{"plan":"pro"},"revenue":"x"}"#),
+                            Just(r#"{"items":null,"traits":null,"category":"shoes"}"#),
+                            Just(r#"{"items":[1],"traits":[],"price":59.9}"#),
+                            Just(r#"{"items":"none","revenue":12,"total":"no"}"#),
+                        ].prop_map(str::to_owned),
+                    ],
+                ),
+                0..6,
+            ),
+            base in prop_oneof![
+                Just(r#""type":"purchase","customer_id":"c-1","ts":5"#),
+                Just(r#""type":"page_view","customer_id":"c-2","ts":"2026-11-23T10:21:14Z""#),
+                Just(""),
+            ],
+        ) {
+            let mut parts: Vec<String> =
+                members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            if !base.is_empty() {
+                parts.insert(parts.len() / 2, base.to_owned());
+            }
+            let text = format!("{{{}}}", parts.join(","));
+            if let Some(direct) = read_direct(&text) {
+                prop_assert_eq!(Ok(direct), from_document(text.as_bytes()), "{}", text);
+            }
         }
     }
 

@@ -19,19 +19,31 @@ const MAX_DEPTH: usize = 100;
 /// Reads `text` as one JSON value, or `None` if it is anything this reader leaves to
 /// serde_json.
 pub fn document(text: &str) -> Option<Json<'_>> {
-    let mut reader = Reader { text, at: 0 };
+    let mut reader = Reader::new(text);
     let value = reader.value(0)?;
-    reader.skip_whitespace();
-    (reader.at == reader.text.len()).then_some(value)
+    reader.finished().then_some(value)
 }
 
-/// A position in the text being read.
-struct Reader<'a> {
+/// A position in the text being read. Besides [`document`], a format's own reader
+/// (`native::read_direct`) walks an event's members with it, building the event without a
+/// document in between.
+pub(super) struct Reader<'a> {
     text: &'a str,
     at: usize,
 }
 
 impl<'a> Reader<'a> {
+    /// A reader at the start of `text`.
+    pub(super) fn new(text: &'a str) -> Reader<'a> {
+        Reader { text, at: 0 }
+    }
+
+    /// Whether only whitespace is left.
+    pub(super) fn finished(&mut self) -> bool {
+        self.skip_whitespace();
+        self.at == self.text.len()
+    }
+
     /// The text as bytes (every token is ASCII).
     fn bytes(&self) -> &'a [u8] {
         self.text.as_bytes()
@@ -44,7 +56,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next byte after whitespace, not consumed.
-    fn peek(&mut self) -> Option<u8> {
+    pub(super) fn peek(&mut self) -> Option<u8> {
         self.skip_whitespace();
         self.bytes().get(self.at).copied()
     }
@@ -56,7 +68,8 @@ impl<'a> Reader<'a> {
         next
     }
 
-    fn value(&mut self, depth: usize) -> Option<Json<'a>> {
+    /// The value at the reader, nested `depth` containers deep (0: the top level).
+    pub(super) fn value(&mut self, depth: usize) -> Option<Json<'a>> {
         match self.peek()? {
             b'{' => self.object(depth + 1),
             b'[' => self.array(depth + 1),
@@ -77,30 +90,44 @@ impl<'a> Reader<'a> {
     }
 
     fn object(&mut self, depth: usize) -> Option<Json<'a>> {
-        if depth > MAX_DEPTH {
+        let mut members = Vec::with_capacity(8);
+        self.members(depth, |reader, key| {
+            members.push((Cow::Borrowed(key), reader.value(depth)?));
+            Some(())
+        })?;
+        Some(Json::Object(Object::from_members(members)))
+    }
+
+    /// Reads the object at the reader, `depth` containers deep counting itself: hands each
+    /// member's key to `each` with the reader at the member's value, which `each` must read
+    /// (at `depth`). `None` if the object is malformed, too deep, or `each` gives up.
+    pub(super) fn members(
+        &mut self,
+        depth: usize,
+        mut each: impl FnMut(&mut Self, &'a str) -> Option<()>,
+    ) -> Option<()> {
+        if depth > MAX_DEPTH || !self.eat(b'{') {
             return None;
         }
-        self.at += 1; // '{'
-        let mut members = Vec::with_capacity(8);
-        if !self.eat(b'}') {
-            loop {
-                if self.peek()? != b'"' {
-                    return None;
-                }
-                let key = self.string()?;
-                if !self.eat(b':') {
-                    return None;
-                }
-                members.push((Cow::Borrowed(key), self.value(depth)?));
-                if self.eat(b'}') {
-                    break;
-                }
-                if !self.eat(b',') {
-                    return None;
-                }
+        if self.eat(b'}') {
+            return Some(());
+        }
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let key = self.string()?;
+            if !self.eat(b':') {
+                return None;
+            }
+            each(self, key)?;
+            if self.eat(b'}') {
+                return Some(());
+            }
+            if !self.eat(b',') {
+                return None;
             }
         }
-        Some(Json::Object(Object::from_members(members)))
     }
 
     fn array(&mut self, depth: usize) -> Option<Json<'a>> {
