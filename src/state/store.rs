@@ -30,47 +30,54 @@ use super::pack::{self, Packer};
 /// The map's hasher.
 type Hasher = foldhash::fast::RandomState;
 
-/// A customer as the store holds it.
+/// A customer as the store holds it: 16 bytes in the map's slot (two variants, each a
+/// pointer; a third would take 24), so the map's spare slots cost little.
 pub enum Stored {
-    /// Decoded, ready for events. `used`: touched since the last sweep.
-    Active {
-        /// The state (boxed: the map keeps spare slots, and an empty one then costs a
-        /// pointer, not a state).
-        state: Box<CustomerState>,
-        /// Whether the state was used since the last sweep.
-        used: bool,
-    },
-    /// Encoded: the input partition number (4 bytes, little-endian), then the state in
-    /// postcard. Written and read by this module only.
+    /// Decoded, ready for events.
+    Active(Box<Active>),
+    /// Encoded: a 4-byte little-endian header, the input partition number with
+    /// [`PACKED`] set when the rest is compressed, then the state — in postcard, or
+    /// [`Packer::pack`]'s output of it. Written and read by this module only.
     Idle(Box<[u8]>),
-    /// An idle encoding's state compressed with the store's dictionary: the partition
-    /// number as in `Idle`, then [`Packer::pack`]'s output.
-    Packed(Box<[u8]>),
 }
 
+/// A decoded customer.
+pub struct Active {
+    /// The state.
+    state: CustomerState,
+    /// Whether the state was used since the last sweep.
+    used: bool,
+}
+
+/// The bit of an idle customer's header that marks it packed (partition numbers are
+/// never negative, so their top bit is free).
+const PACKED: u32 = 1 << 31;
+
 impl Stored {
+    /// A decoded customer, marked used.
+    fn active(state: CustomerState) -> Stored {
+        Stored::Active(Box::new(Active { state, used: true }))
+    }
+
     /// The input partition number of the customer (without decoding an idle one).
     fn partition(&self) -> i32 {
         match self {
-            Stored::Active { state, .. } => state.partition,
-            Stored::Idle(bytes) | Stored::Packed(bytes) => partition_of(bytes),
+            Stored::Active(active) => active.state.partition,
+            Stored::Idle(bytes) => partition_of(bytes),
         }
     }
 
     /// The state, decoded if idle (the store holds it active from now on).
     fn activate(&mut self, packer: Option<&Packer>) -> &mut CustomerState {
-        if !matches!(self, Stored::Active { .. }) {
-            *self = Stored::Active {
-                state: Box::new(self.state(packer).into_owned()),
-                used: true,
-            };
+        if let Stored::Idle(_) = self {
+            *self = Stored::active(self.state(packer).into_owned());
         }
         match self {
-            Stored::Active { state, used } => {
-                *used = true;
-                state
+            Stored::Active(active) => {
+                active.used = true;
+                &mut active.state
             }
-            Stored::Idle(_) | Stored::Packed(_) => unreachable!("activated above"),
+            Stored::Idle(_) => unreachable!("activated above"),
         }
     }
 
@@ -82,9 +89,9 @@ impl Stored {
     /// The state: an active one borrowed, an idle one decoded.
     fn state(&self, packer: Option<&Packer>) -> Cow<'_, CustomerState> {
         match self {
-            Stored::Active { state, .. } => Cow::Borrowed(state),
+            Stored::Active(active) => Cow::Borrowed(&active.state),
+            Stored::Idle(bytes) if is_packed(bytes) => Cow::Owned(unpack_idle(bytes, packer)),
             Stored::Idle(bytes) => Cow::Owned(decode_idle(bytes)),
-            Stored::Packed(bytes) => Cow::Owned(unpack_idle(bytes, packer)),
         }
     }
 }
@@ -109,9 +116,24 @@ fn unpack_idle(bytes: &[u8], packer: Option<&Packer>) -> CustomerState {
     })
 }
 
-/// The input partition number an idle or packed customer's bytes start with.
+/// The input partition number an idle customer's bytes start with.
 fn partition_of(bytes: &[u8]) -> i32 {
-    i32::from_le_bytes(bytes[..4].try_into().expect("idle states start with it"))
+    (header_of(bytes) & !PACKED) as i32
+}
+
+/// Whether an idle customer's bytes are packed.
+fn is_packed(bytes: &[u8]) -> bool {
+    header_of(bytes) & PACKED != 0
+}
+
+/// The 4-byte header an idle customer's bytes start with.
+fn header_of(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(bytes[..4].try_into().expect("idle states start with it"))
+}
+
+/// `bytes` (an unpacked idle customer) packed with `packer`, if that makes them smaller.
+fn pack_idle(packer: &Packer, bytes: &[u8]) -> Option<Box<[u8]>> {
+    packer.pack(&(header_of(bytes) | PACKED).to_le_bytes(), &bytes[4..])
 }
 
 /// An idle customer's encoding.
@@ -219,20 +241,13 @@ impl CustomerStore {
         let packer = self.packer();
         self.map
             .entry(Box::from(id))
-            .or_insert_with(|| Stored::Active {
-                state: Box::default(),
-                used: true,
-            })
+            .or_insert_with(|| Stored::active(CustomerState::default()))
             .map(|stored| stored.activate(packer))
     }
 
     /// Puts `state` in the store, active, replacing (and returning) any previous one.
     pub fn insert(&self, id: Box<str>, state: CustomerState) -> Option<CustomerState> {
-        let stored = Stored::Active {
-            state: Box::new(state),
-            used: true,
-        };
-        self.replace(id, stored)
+        self.replace(id, Stored::active(state))
     }
 
     /// Puts `state` in the store idle (a restored customer: most stay quiet for a while),
@@ -261,7 +276,7 @@ impl CustomerStore {
     fn replace(&self, id: Box<str>, stored: Stored) -> Option<CustomerState> {
         let previous = self.map.insert(id, stored)?;
         Some(match previous {
-            Stored::Active { state, .. } => *state,
+            Stored::Active(active) => active.state,
             idle => idle.state(self.packer()).into_owned(),
         })
     }
@@ -285,8 +300,8 @@ impl CustomerStore {
         let mut idle_bytes = 0;
         for entry in self.map.iter() {
             match entry.value() {
-                Stored::Active { state, .. } => visit(entry.key(), state),
-                Stored::Idle(bytes) | Stored::Packed(bytes) => idle_bytes += bytes.len(),
+                Stored::Active(active) => visit(entry.key(), &active.state),
+                Stored::Idle(bytes) => idle_bytes += bytes.len(),
             }
         }
         idle_bytes
@@ -324,10 +339,9 @@ impl CustomerStore {
         let packer = self.packer();
         for mut entry in self.map.iter_mut() {
             match entry.value_mut() {
-                Stored::Active {
-                    used: used @ true, ..
-                } => *used = false,
-                Stored::Active { used: false, .. } => unused.push(entry.key().clone()),
+                Stored::Active(active) if active.used => active.used = false,
+                Stored::Active(_) => unused.push(entry.key().clone()),
+                Stored::Idle(bytes) if is_packed(bytes) => idle += 1,
                 Stored::Idle(bytes) => {
                     idle += 1;
                     if packer.is_some() {
@@ -336,26 +350,21 @@ impl CustomerStore {
                         samples.push(bytes[4..].to_vec());
                     }
                 }
-                Stored::Packed(_) => idle += 1,
             }
         }
         let mut sweep = Sweep::default();
         for id in unused {
             if let Some(mut entry) = self.map.get_mut(&id)
-                && let Stored::Active { state, used: false } = entry.value()
+                && let Stored::Active(active) = entry.value()
+                && !active.used
             {
-                let bytes = encode_idle(state);
-                let packed = packer.and_then(|p| p.pack(&bytes[..4], &bytes[4..]));
+                let bytes = encode_idle(&active.state);
+                let packed = packer.and_then(|p| pack_idle(p, &bytes));
                 if packer.is_none() && samples.len() < pack::MAX_SAMPLES {
                     samples.push(bytes[4..].to_vec());
                 }
-                *entry.value_mut() = match packed {
-                    Some(packed) => {
-                        sweep.packed += 1;
-                        Stored::Packed(packed)
-                    }
-                    None => Stored::Idle(bytes),
-                };
+                sweep.packed += usize::from(packed.is_some());
+                *entry.value_mut() = Stored::Idle(packed.unwrap_or(bytes));
                 sweep.encoded += 1;
             }
         }
@@ -363,9 +372,10 @@ impl CustomerStore {
             for id in unpacked {
                 if let Some(mut entry) = self.map.get_mut(&id)
                     && let Stored::Idle(bytes) = entry.value()
-                    && let Some(packed) = packer.pack(&bytes[..4], &bytes[4..])
+                    && !is_packed(bytes)
+                    && let Some(packed) = pack_idle(packer, bytes)
                 {
-                    *entry.value_mut() = Stored::Packed(packed);
+                    *entry.value_mut() = Stored::Idle(packed);
                     sweep.packed += 1;
                 }
             }
@@ -416,10 +426,7 @@ mod tests {
         let woken = store.get_mut("a").unwrap();
         assert_eq!(*woken, state(2, 5));
         drop(woken);
-        assert!(matches!(
-            *store.map.get("a").unwrap(),
-            Stored::Active { .. }
-        ));
+        assert!(matches!(*store.map.get("a").unwrap(), Stored::Active(_)));
     }
 
     #[test]
@@ -462,6 +469,12 @@ mod tests {
         assert_eq!(store.read("c-8", Clone::clone), Some(customer(8)));
         let dropped = store.drop_partitions(|p| p == 1, |s| assert_eq!(s.partition, 1));
         assert_eq!(dropped, (0..count).filter(|i| i % 4 == 1).count());
+    }
+
+    /// The map's slots (half of them spare after it grows) hold a key and this.
+    #[test]
+    fn a_stored_customer_takes_two_words() {
+        assert_eq!(std::mem::size_of::<Stored>(), 16);
     }
 
     #[test]
