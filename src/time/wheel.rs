@@ -12,10 +12,13 @@
 //! Timers live in a slab of doubly linked nodes (a slot is a list), and a hash table of
 //! node indexes, hashed and compared by their nodes' customer ids, gives the O(1)
 //! reschedule and cancel (4 bytes an entry, where a map from id to index would hold the
-//! id a second time: 24).
+//! id a second time: 24). A node is 32 bytes: the id, the deadline and its two links. Its
+//! slot is not kept: the time moves only forward to the start of the earliest slot (whose
+//! timers are then re-sorted) or to a watermark short of every slot, and neither changes
+//! where any other timer belongs, so [`TimerWheel::position`] finds it from the deadline.
 
+use std::borrow::Cow;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 
 use hashbrown::HashTable;
 
@@ -38,12 +41,10 @@ fn instant(tick: u64) -> Millis {
 
 #[derive(Debug)]
 struct Node {
-    customer: Arc<str>,
+    customer: Box<str>,
     deadline: Millis,
     prev: u32,
     next: u32,
-    level: u8,
-    slot: u8,
 }
 
 #[derive(Debug)]
@@ -108,23 +109,17 @@ impl TimerWheel {
     /// Sets (`Some`) or cancels (`None`) the one timer of `customer`, replacing any
     /// pending one. A deadline already passed fires at the next [`pop_due`](Self::pop_due).
     pub fn schedule(&mut self, customer: &str, deadline: Option<Millis>) {
-        self.schedule_with(customer, deadline, || customer.into());
+        self.schedule_id(Cow::Borrowed(customer), deadline);
     }
 
-    /// [`schedule`](Self::schedule) for a customer id already shared (one just handed out
-    /// by [`pop_due`](Self::pop_due)): a new timer reuses it instead of copying the id.
-    pub fn reschedule(&mut self, customer: Arc<str>, deadline: Option<Millis>) {
-        let id = customer.clone();
-        self.schedule_with(&id, deadline, || customer);
+    /// [`schedule`](Self::schedule) for a customer id the caller owns (one just handed out
+    /// by [`pop_due`](Self::pop_due)): a new timer keeps it instead of copying the id.
+    pub fn reschedule(&mut self, customer: Box<str>, deadline: Option<Millis>) {
+        self.schedule_id(Cow::Owned(customer.into_string()), deadline);
     }
 
-    fn schedule_with(
-        &mut self,
-        customer: &str,
-        deadline: Option<Millis>,
-        shared: impl FnOnce() -> Arc<str>,
-    ) {
-        match (self.find(customer), deadline) {
+    fn schedule_id(&mut self, customer: Cow<'_, str>, deadline: Option<Millis>) {
+        match (self.find(&customer), deadline) {
             (None, None) => {}
             (Some(node), None) => {
                 self.unlink(node);
@@ -139,13 +134,14 @@ impl TimerWheel {
                 }
             }
             (None, Some(deadline)) => {
-                let node = self.allocate(shared(), deadline);
+                let hash = self.hasher.hash_one(&*customer);
+                // A `String` made from a `Box<str>` has no spare capacity: no copy here.
+                let node = self.allocate(customer.into_owned().into_boxed_str(), deadline);
                 self.link(node);
                 let (nodes, hasher) = (&self.nodes, &self.hasher);
-                self.by_customer
-                    .insert_unique(hasher.hash_one(customer), node, |&n| {
-                        hasher.hash_one(&*nodes[n as usize].customer)
-                    });
+                self.by_customer.insert_unique(hash, node, |&n| {
+                    hasher.hash_one(&*nodes[n as usize].customer)
+                });
             }
         }
     }
@@ -172,7 +168,7 @@ impl TimerWheel {
     /// its deadline; `None` when no timer is due. Timers come out in deadline order,
     /// except those scheduled with a deadline the wheel had already passed: they come out
     /// first, at the next call.
-    pub fn pop_due(&mut self, to: Millis) -> Option<(Arc<str>, Millis)> {
+    pub fn pop_due(&mut self, to: Millis) -> Option<(Box<str>, Millis)> {
         let to = tick(to);
         loop {
             let Some((level, slot, start)) = self.next_expiration().filter(|e| e.2 <= to) else {
@@ -230,16 +226,21 @@ impl TimerWheel {
         None
     }
 
-    /// Puts a node in the slot its deadline belongs to, relative to the current time.
-    fn link(&mut self, node: u32) {
-        let when = tick(self.nodes[node as usize].deadline).max(self.elapsed);
+    /// The level and slot a timer due at `deadline` belongs in at the current time (one
+    /// already due: the current time's own level-0 slot).
+    fn position(&self, deadline: Millis) -> (usize, usize) {
+        let when = tick(deadline).max(self.elapsed);
         let significant = 63 - ((self.elapsed ^ when) | (SLOTS - 1)).leading_zeros();
         let level = (significant / SLOT_BITS) as usize;
         let slot = ((when >> (SLOT_BITS * level as u32)) & (SLOTS - 1)) as usize;
+        (level, slot)
+    }
+
+    /// Puts a node in the slot its deadline belongs to, relative to the current time.
+    fn link(&mut self, node: u32) {
+        let (level, slot) = self.position(self.nodes[node as usize].deadline);
         let head = self.levels[level].heads[slot];
         let n = &mut self.nodes[node as usize];
-        n.level = level as u8;
-        n.slot = slot as u8;
         n.prev = NONE;
         n.next = head;
         if head != NONE {
@@ -254,12 +255,15 @@ impl TimerWheel {
         let Node {
             prev,
             next,
-            level,
-            slot,
+            deadline,
             ..
         } = self.nodes[node as usize];
-        let (level, slot) = (usize::from(level), usize::from(slot));
         if prev == NONE {
+            let (level, slot) = self.position(deadline);
+            debug_assert_eq!(
+                self.levels[level].heads[slot], node,
+                "a head's slot is found"
+            );
             self.levels[level].heads[slot] = next;
             if next == NONE {
                 self.levels[level].occupied &= !(1 << slot);
@@ -272,14 +276,12 @@ impl TimerWheel {
         }
     }
 
-    fn allocate(&mut self, customer: Arc<str>, deadline: Millis) -> u32 {
+    fn allocate(&mut self, customer: Box<str>, deadline: Millis) -> u32 {
         let node = Node {
             customer,
             deadline,
             prev: NONE,
             next: NONE,
-            level: 0,
-            slot: 0,
         };
         match self.free.pop() {
             Some(index) => {
@@ -294,9 +296,9 @@ impl TimerWheel {
     }
 
     /// Frees an unlinked node, returning its customer.
-    fn release(&mut self, node: u32) -> Arc<str> {
+    fn release(&mut self, node: u32) -> Box<str> {
         self.free.push(node);
-        std::mem::replace(&mut self.nodes[node as usize].customer, Arc::from(""))
+        std::mem::take(&mut self.nodes[node as usize].customer)
     }
 
     /// The wheel's time: the latest watermark it was advanced to.
