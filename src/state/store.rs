@@ -35,9 +35,8 @@ type Hasher = foldhash::fast::RandomState;
 pub enum Stored {
     /// Decoded, ready for events.
     Active(Box<Active>),
-    /// Encoded: a 4-byte little-endian header, the input partition number with
-    /// [`PACKED`] set when the rest is compressed, then the state — in postcard, or
-    /// [`Packer::pack`]'s output of it. Written and read by this module only.
+    /// Encoded: a [`Header`], then the state — in postcard, or [`Packer::pack`]'s output
+    /// of it. Written and read by this module only.
     Idle(Box<[u8]>),
 }
 
@@ -49,9 +48,35 @@ pub struct Active {
     used: bool,
 }
 
-/// The bit of an idle customer's header that marks it packed (partition numbers are
-/// never negative, so their top bit is free).
-const PACKED: u32 = 1 << 31;
+/// What an idle customer's bytes start with: its input partition number, and whether the
+/// state after it is packed — as one varint, `partition << 1 | packed` (one byte for the
+/// first 64 partitions).
+#[derive(Clone, Copy)]
+struct Header {
+    partition: i32,
+    packed: bool,
+    /// The header's length in bytes.
+    len: usize,
+}
+
+impl Header {
+    /// The header `bytes` start with.
+    fn of(bytes: &[u8]) -> Header {
+        let (value, rest) =
+            postcard::take_from_bytes::<u32>(bytes).expect("idle states start with a header");
+        Header {
+            partition: (value >> 1) as i32,
+            packed: value & 1 == 1,
+            len: bytes.len() - rest.len(),
+        }
+    }
+
+    /// Appends the header of a state of `partition` (never negative), packed or not.
+    fn write(partition: i32, packed: bool, bytes: Vec<u8>) -> Vec<u8> {
+        let value = (partition as u32) << 1 | u32::from(packed);
+        postcard::to_extend(&value, bytes).expect("a number always serializes")
+    }
+}
 
 impl Stored {
     /// A decoded customer, marked used.
@@ -63,7 +88,7 @@ impl Stored {
     fn partition(&self) -> i32 {
         match self {
             Stored::Active(active) => active.state.partition,
-            Stored::Idle(bytes) => partition_of(bytes),
+            Stored::Idle(bytes) => Header::of(bytes).partition,
         }
     }
 
@@ -90,7 +115,9 @@ impl Stored {
     fn state(&self, packer: Option<&Packer>) -> Cow<'_, CustomerState> {
         match self {
             Stored::Active(active) => Cow::Borrowed(&active.state),
-            Stored::Idle(bytes) if is_packed(bytes) => Cow::Owned(unpack_idle(bytes, packer)),
+            Stored::Idle(bytes) if Header::of(bytes).packed => {
+                Cow::Owned(unpack_idle(bytes, packer))
+            }
             Stored::Idle(bytes) => Cow::Owned(decode_idle(bytes)),
         }
     }
@@ -99,12 +126,12 @@ impl Stored {
 /// Decodes a packed customer. Bytes that do not unpack (only a bug could cause it: they
 /// are this process's own) give an empty state, logged, as in [`decode_state_bytes`].
 fn unpack_idle(bytes: &[u8], packer: Option<&Packer>) -> CustomerState {
-    let partition = partition_of(bytes);
+    let Header { partition, len, .. } = Header::of(bytes);
     let unpacked = packer
         .ok_or_else(|| "the store has no dictionary".to_owned())
         .and_then(|packer| {
             packer
-                .unpack(bytes, 4, |raw| decode_state_bytes(partition, raw))
+                .unpack(bytes, len, |raw| decode_state_bytes(partition, raw))
                 .map_err(|err| err.to_string())
         });
     unpacked.unwrap_or_else(|err| {
@@ -116,32 +143,26 @@ fn unpack_idle(bytes: &[u8], packer: Option<&Packer>) -> CustomerState {
     })
 }
 
-/// The input partition number an idle customer's bytes start with.
-fn partition_of(bytes: &[u8]) -> i32 {
-    (header_of(bytes) & !PACKED) as i32
-}
-
-/// Whether an idle customer's bytes are packed.
-fn is_packed(bytes: &[u8]) -> bool {
-    header_of(bytes) & PACKED != 0
-}
-
-/// The 4-byte header an idle customer's bytes start with.
-fn header_of(bytes: &[u8]) -> u32 {
-    u32::from_le_bytes(bytes[..4].try_into().expect("idle states start with it"))
-}
-
-/// `bytes` (an unpacked idle customer) packed with `packer`, if that makes them smaller.
+/// `bytes` (an unpacked idle customer) packed with `packer`.
 fn pack_idle(packer: &Packer, bytes: &[u8]) -> Option<Box<[u8]>> {
-    packer.pack(&(header_of(bytes) | PACKED).to_le_bytes(), &bytes[4..])
+    let header = Header::of(bytes);
+    packer.pack(
+        &Header::write(header.partition, true, Vec::new()),
+        &bytes[header.len..],
+    )
+}
+
+/// The postcard encoding in an unpacked idle customer's bytes.
+fn unpacked_state(bytes: &[u8]) -> &[u8] {
+    &bytes[Header::of(bytes).len..]
 }
 
 /// An idle customer's encoding.
 fn encode_idle(state: &CustomerState) -> Box<[u8]> {
     // Sized like a changelog record, so the buffer rarely grows while written; the box
     // then keeps the exact length.
-    let mut bytes = Vec::with_capacity(super::codec::ENCODED_CAPACITY);
-    bytes.extend_from_slice(&state.partition.to_le_bytes());
+    let bytes = Vec::with_capacity(super::codec::ENCODED_CAPACITY);
+    let bytes = Header::write(state.partition, false, bytes);
     // Plain structs, vectors, strings and numbers: serializing them cannot fail.
     postcard::to_extend(state, bytes)
         .expect("state types always serialize")
@@ -151,8 +172,7 @@ fn encode_idle(state: &CustomerState) -> Box<[u8]> {
 /// Decodes an idle customer (written by [`encode_idle`], or a changelog record's state
 /// bytes).
 fn decode_idle(bytes: &[u8]) -> CustomerState {
-    let partition = partition_of(bytes);
-    decode_state_bytes(partition, &bytes[4..])
+    decode_state_bytes(Header::of(bytes).partition, unpacked_state(bytes))
 }
 
 /// Decodes a state of input partition `partition`. Bytes that do not decode — only a
@@ -266,8 +286,7 @@ impl CustomerStore {
         partition: i32,
         encoded: &[u8],
     ) -> Option<CustomerState> {
-        let mut bytes = Vec::with_capacity(4 + encoded.len());
-        bytes.extend_from_slice(&partition.to_le_bytes());
+        let mut bytes = Header::write(partition, false, Vec::with_capacity(5 + encoded.len()));
         bytes.extend_from_slice(encoded);
         self.replace(id, Stored::Idle(bytes.into_boxed_slice()))
     }
@@ -341,13 +360,13 @@ impl CustomerStore {
             match entry.value_mut() {
                 Stored::Active(active) if active.used => active.used = false,
                 Stored::Active(_) => unused.push(entry.key().clone()),
-                Stored::Idle(bytes) if is_packed(bytes) => idle += 1,
+                Stored::Idle(bytes) if Header::of(bytes).packed => idle += 1,
                 Stored::Idle(bytes) => {
                     idle += 1;
                     if packer.is_some() {
                         unpacked.push(entry.key().clone());
                     } else if samples.len() < pack::MAX_SAMPLES {
-                        samples.push(bytes[4..].to_vec());
+                        samples.push(unpacked_state(bytes).to_vec());
                     }
                 }
             }
@@ -361,7 +380,7 @@ impl CustomerStore {
                 let bytes = encode_idle(&active.state);
                 let packed = packer.and_then(|p| pack_idle(p, &bytes));
                 if packer.is_none() && samples.len() < pack::MAX_SAMPLES {
-                    samples.push(bytes[4..].to_vec());
+                    samples.push(unpacked_state(&bytes).to_vec());
                 }
                 sweep.packed += usize::from(packed.is_some());
                 *entry.value_mut() = Stored::Idle(packed.unwrap_or(bytes));
@@ -372,7 +391,7 @@ impl CustomerStore {
             for id in unpacked {
                 if let Some(mut entry) = self.map.get_mut(&id)
                     && let Stored::Idle(bytes) = entry.value()
-                    && !is_packed(bytes)
+                    && !Header::of(bytes).packed
                     && let Some(packed) = pack_idle(packer, bytes)
                 {
                     *entry.value_mut() = Stored::Idle(packed);
@@ -434,7 +453,8 @@ mod tests {
         let store = CustomerStore::new();
         let count = pack::MIN_SAMPLES + 200;
         let customer = |i: usize| {
-            let mut state = state(i as i32 % 4, i as u64);
+            // Partitions 0, 100, 200 and 300: headers of one and two bytes.
+            let mut state = state(i as i32 % 4 * 100, i as u64);
             state
                 .categories
                 .push((format!("category-{}", i % 17).into(), i as u32));
@@ -467,7 +487,7 @@ mod tests {
         let sweep = store.compact_idle();
         assert_eq!((sweep.encoded, sweep.packed), (1, 1));
         assert_eq!(store.read("c-8", Clone::clone), Some(customer(8)));
-        let dropped = store.drop_partitions(|p| p == 1, |s| assert_eq!(s.partition, 1));
+        let dropped = store.drop_partitions(|p| p == 100, |s| assert_eq!(s.partition, 100));
         assert_eq!(dropped, (0..count).filter(|i| i % 4 == 1).count());
     }
 
