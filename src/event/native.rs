@@ -93,6 +93,11 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
             "properties" => 32,
             "context" => 64,
             "traits" => 128,
+            // A Segment-spec event (no `customer_id` before its own keys): left at once to
+            // the document, which tells the formats apart.
+            "userId" | "anonymousId" | "messageId" | "timestamp" if customer.is_none() => {
+                return None;
+            }
             _ => return reader.value(1).map(drop),
         };
         if seen & bit != 0 {
@@ -129,8 +134,10 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
                     traits: nested_traits,
                 };
             }
-            "context" => context = scalar_members(reader, |_, _| Some(()))?.unwrap_or_default(),
-            _ => traits = scalar_members(reader, |_, _| Some(()))?,
+            // Native context and traits are flat; nested ones are usually the Segment spec's
+            // (whose context comes first), and are left to the document as soon as seen.
+            "context" => context = scalar_members(reader, |_, _| None)?.unwrap_or_default(),
+            _ => traits = scalar_members(reader, |_, _| None)?,
         }
         Some(())
     })?;
