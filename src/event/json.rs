@@ -140,11 +140,16 @@ impl<'a> Json<'a> {
         // read from bytes; a payload that fails it is read as bytes, for serde_json's
         // error with its position.
         match std::str::from_utf8(payload) {
-            Ok(text) => match super::scan::document(text) {
-                Some(document) => Ok(document),
-                None => serde_json::from_str(text),
-            },
+            Ok(text) => Json::parse_text(text),
             Err(_) => serde_json::from_slice(payload),
+        }
+    }
+
+    /// [`Json::parse`] for a payload already known to be UTF-8.
+    pub fn parse_text(text: &'a str) -> Result<Json<'a>, serde_json::Error> {
+        match super::scan::document(text) {
+            Some(document) => Ok(document),
+            None => serde_json::from_str(text),
         }
     }
 

@@ -245,12 +245,12 @@ pub fn parse_event(payload: &[u8], max_bytes: usize) -> Result<Event, InvalidEve
     }
     // Nearly every event is read directly; the rest (another format, rare JSON forms,
     // anything invalid) through a document, which also words the errors.
-    let direct = std::str::from_utf8(payload)
-        .ok()
-        .and_then(native::read_direct);
-    let mut event = match direct {
-        Some(event) => event,
-        None => from_document(payload)?,
+    let mut event = match std::str::from_utf8(payload) {
+        Ok(text) => match native::read_direct(text) {
+            Some(event) => event,
+            None => from_document(Json::parse_text(text))?,
+        },
+        Err(_) => from_document(Json::parse(payload))?,
     };
     if event.dedup_key == 0 {
         event.dedup_key = stable_hash(payload);
@@ -258,10 +258,10 @@ pub fn parse_event(payload: &[u8], max_bytes: usize) -> Result<Event, InvalidEve
     Ok(event)
 }
 
-/// Reads `payload` as a JSON document, then as whichever format it is in.
-fn from_document(payload: &[u8]) -> Result<Event, InvalidEvent> {
-    let value = Json::parse(payload)
-        .map_err(|err| InvalidEvent::new(InvalidReason::InvalidJson, err.to_string()))?;
+/// Reads a parsed payload as whichever format it is in.
+fn from_document(document: Result<Json<'_>, serde_json::Error>) -> Result<Event, InvalidEvent> {
+    let value =
+        document.map_err(|err| InvalidEvent::new(InvalidReason::InvalidJson, err.to_string()))?;
     let Json::Object(object) = value else {
         return Err(InvalidEvent::new(
             InvalidReason::NotAnObject,
