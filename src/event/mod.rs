@@ -442,23 +442,29 @@ pub(crate) fn revenue(
     properties: Option<&Object<'_>>,
     items: &[Item],
 ) -> Result<Option<f64>, InvalidEvent> {
-    if let Some(properties) = properties {
-        for key in ["revenue", "total"] {
-            if let Some(money) = opt_num(properties, key)? {
-                return Ok(Some(money));
-            }
-        }
-    }
-    Ok(items_total(items))
+    money(
+        |key| properties.map_or(Ok(None), |p| opt_num(p, key)),
+        items,
+    )
 }
 
-/// What a purchase's or refund's lines add up to; `None` without lines.
-pub(crate) fn items_total(items: &[Item]) -> Option<f64> {
-    (!items.is_empty()).then(|| {
+/// [`revenue`] over any reading of the properties (a document's, or the direct reader's
+/// scalars): `amount` reads one money field, `Ok(None)` when it is absent or `null`. The
+/// one place that says which fields are money, in which order.
+pub(crate) fn money<E>(
+    mut amount: impl FnMut(&str) -> Result<Option<f64>, E>,
+    items: &[Item],
+) -> Result<Option<f64>, E> {
+    for key in ["revenue", "total"] {
+        if let Some(money) = amount(key)? {
+            return Ok(Some(money));
+        }
+    }
+    Ok((!items.is_empty()).then(|| {
         items
             .iter()
             .fold(0.0, |total, i| total + i.price * i.quantity)
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use super::json::{Json, Object};
 use super::scan::Reader;
 use super::{
     Event, InvalidEvent, InvalidReason, PropValue, Props, carries_money, customer_id, item_lines,
-    items, items_total, lookup, opt_object, opt_str, revenue, scalar_props, stable_hash, timestamp,
+    items, lookup, money, opt_object, opt_str, revenue, scalar_props, stable_hash, timestamp,
 };
 use crate::time;
 
@@ -161,18 +161,13 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
             Some(lines) => item_lines(lines, "items").ok()?,
             None => Vec::new(),
         };
-        let mut revenue = None;
-        for key in ["revenue", "total"] {
-            match lookup(&properties.scalars, key) {
-                None | Some(PropValue::Null) => {}
-                Some(PropValue::Num(money)) => {
-                    revenue = Some(*money);
-                    break;
-                }
-                Some(_) => return None,
-            }
-        }
-        let revenue = revenue.or_else(|| items_total(&items));
+        let amount = |key: &str| match lookup(&properties.scalars, key) {
+            None | Some(PropValue::Null) => Ok(None),
+            Some(PropValue::Num(money)) => Ok(Some(*money)),
+            // Text or a boolean: an error for a purchase, worded by from_object.
+            Some(_) => Err(()),
+        };
+        let revenue = money(amount, &items).ok()?;
         (items, revenue)
     } else {
         (Vec::new(), None)
