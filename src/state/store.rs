@@ -115,18 +115,22 @@ impl Stored {
     fn state(&self, packer: Option<&Packer>) -> Cow<'_, CustomerState> {
         match self {
             Stored::Active(active) => Cow::Borrowed(&active.state),
-            Stored::Idle(bytes) if Header::of(bytes).packed => {
-                Cow::Owned(unpack_idle(bytes, packer))
+            Stored::Idle(bytes) => {
+                let header = Header::of(bytes);
+                Cow::Owned(if header.packed {
+                    unpack_idle(bytes, header, packer)
+                } else {
+                    decode_state_bytes(header.partition, &bytes[header.len..])
+                })
             }
-            Stored::Idle(bytes) => Cow::Owned(decode_idle(bytes)),
         }
     }
 }
 
 /// Decodes a packed customer. Bytes that do not unpack (only a bug could cause it: they
 /// are this process's own) give an empty state, logged, as in [`decode_state_bytes`].
-fn unpack_idle(bytes: &[u8], packer: Option<&Packer>) -> CustomerState {
-    let Header { partition, len, .. } = Header::of(bytes);
+fn unpack_idle(bytes: &[u8], header: Header, packer: Option<&Packer>) -> CustomerState {
+    let Header { partition, len, .. } = header;
     let unpacked = packer
         .ok_or_else(|| "the store has no dictionary".to_owned())
         .and_then(|packer| {
@@ -167,12 +171,6 @@ fn encode_idle(state: &CustomerState) -> Box<[u8]> {
     postcard::to_extend(state, bytes)
         .expect("state types always serialize")
         .into_boxed_slice()
-}
-
-/// Decodes an idle customer (written by [`encode_idle`], or a changelog record's state
-/// bytes).
-fn decode_idle(bytes: &[u8]) -> CustomerState {
-    decode_state_bytes(Header::of(bytes).partition, unpacked_state(bytes))
 }
 
 /// Decodes a state of input partition `partition`. Bytes that do not decode — only a
