@@ -239,6 +239,8 @@ pub async fn produce_generated(
 #[derive(Clone, Debug)]
 pub struct Record {
     pub key: Option<String>,
+    /// The partition it was read from.
+    pub partition: i32,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
 }
@@ -333,6 +335,7 @@ fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
         key: message
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned()),
+        partition: message.partition(),
         payload: message.payload().unwrap_or_default().to_vec(),
         headers,
     }
