@@ -4,15 +4,19 @@
 //! per customer at a million) repeats what every other customer's holds: the same slot
 //! layout, segment indexes, category and context strings, close timestamps. Each encoding
 //! alone is too short for a compressor to find that; against a dictionary trained on a
-//! few thousand of them, zstd finds it (the memory bench: 35–42 % fewer bytes). The dictionary is trained
-//! once per store, by the sweeper, from the first idle encodings; it is never written
-//! anywhere — the changelog keeps plain encodings, so nothing outside the process depends
-//! on it.
+//! few thousand of them, zstd finds it (the memory bench: 35–42 % fewer bytes). The
+//! sweeper trains the dictionary from the first idle encodings; since those are young
+//! states (a fresh process's first customers, with a few events each), it trains a second
+//! one once the states it encodes have grown by half, and repacks the customers the first
+//! one packed ([`Dictionaries`]). Dictionaries are never written anywhere — the changelog
+//! keeps plain encodings, so nothing outside the process depends on them.
 //!
 //! Frames carry neither zstd's magic number nor the dictionary's id (8 bytes of every
 //! entry): only this process reads them, always with its one dictionary.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use zstd::zstd_safe::{self, CCtx, CDict, CParameter, DCtx, DDict, DParameter, FrameFormat};
 
@@ -31,6 +35,10 @@ pub const MIN_SAMPLES: usize = 1_000;
 /// Bounds a training's time and memory (8,000 samples of ≈ 600 bytes: ≈ 5 MB).
 pub const MAX_SAMPLES: usize = 8_000;
 
+/// How much larger (in mean plain encoding length) the states a sweep encodes must have
+/// grown since the first dictionary was trained for a second one to be trained on them.
+const RETRAIN_GROWTH: f64 = 1.5;
+
 thread_local! {
     /// Each thread's compression context (they are expensive to create: ~100 KiB).
     static COMPRESSOR: RefCell<CCtx<'static>> = RefCell::new(CCtx::create());
@@ -43,6 +51,58 @@ thread_local! {
 pub struct Packer {
     compress: CDict<'static>,
     decompress: DDict<'static>,
+}
+
+/// A store's dictionaries: up to two, numbered 1 and 2 (0 means plain, in an idle
+/// customer's header). Packing uses the latest; unpacking the one an entry names.
+#[derive(Default)]
+pub struct Dictionaries {
+    trained: [OnceLock<Packer>; 2],
+    /// The mean length of the samples the first was trained on.
+    first_mean: AtomicUsize,
+}
+
+impl Dictionaries {
+    /// Dictionary `number` (1 or 2), if trained.
+    pub fn get(&self, number: u8) -> Option<&Packer> {
+        self.trained.get(usize::from(number).checked_sub(1)?)?.get()
+    }
+
+    /// The latest dictionary and its number, if any is trained.
+    pub fn latest(&self) -> Option<(u8, &Packer)> {
+        (1..=2).rev().find_map(|n| Some((n, self.get(n)?)))
+    }
+
+    /// Whether a sweep should collect samples: a dictionary is still to be trained.
+    pub fn wants_samples(&self) -> bool {
+        self.get(2).is_none()
+    }
+
+    /// Trains the first dictionary on `samples` (plain encodings), or the second once
+    /// their mean length has grown by [`RETRAIN_GROWTH`] since the first. Returns the
+    /// number of the one trained, if any.
+    pub fn learn(&self, samples: &[Vec<u8>]) -> Option<u8> {
+        if samples.len() < MIN_SAMPLES {
+            return None;
+        }
+        let mean = samples.iter().map(Vec::len).sum::<usize>() / samples.len();
+        let number = match (self.get(1), self.get(2)) {
+            (None, _) => 1,
+            (Some(_), None)
+                if mean as f64
+                    >= self.first_mean.load(Ordering::Relaxed) as f64 * RETRAIN_GROWTH =>
+            {
+                2
+            }
+            _ => return None,
+        };
+        let packer = Packer::train(samples)?;
+        if number == 1 {
+            self.first_mean.store(mean, Ordering::Relaxed);
+        }
+        let _ = self.trained[usize::from(number) - 1].set(packer);
+        Some(number)
+    }
 }
 
 /// Why a packed entry could not be unpacked (only a bug can cause it: entries are this

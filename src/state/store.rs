@@ -15,8 +15,10 @@
 //!
 //! Once a sweep has seen enough idle encodings it trains a compression dictionary on them
 //! ([`pack`](super::pack)); from then on sweeps keep idle customers *packed* (about half
-//! the bytes), including those restored or encoded before. Waking a packed customer
-//! decompresses it first (about a microsecond more).
+//! the bytes), including those restored or encoded before. Once the states have grown
+//! well past the ones it learned from, a second dictionary is trained and sweeps repack
+//! the first one's customers with it. Waking a packed customer decompresses it first
+//! (about a microsecond more).
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -25,7 +27,7 @@ use dashmap::DashMap;
 use dashmap::mapref::one::MappedRefMut;
 
 use super::CustomerState;
-use super::pack::{self, Packer};
+use super::pack::{self, Dictionaries, Packer};
 
 /// The map's hasher.
 type Hasher = foldhash::fast::RandomState;
@@ -48,13 +50,13 @@ pub struct Active {
     used: bool,
 }
 
-/// What an idle customer's bytes start with: its input partition number, and whether the
-/// state after it is packed — as one varint, `partition << 1 | packed` (one byte for the
-/// first 64 partitions).
+/// What an idle customer's bytes start with: its input partition number, and the
+/// dictionary the state after it is packed with (0: plain postcard) — as one varint,
+/// `partition << 2 | dictionary` (one byte for the first 32 partitions).
 #[derive(Clone, Copy)]
 struct Header {
     partition: i32,
-    packed: bool,
+    dictionary: u8,
     /// The header's length in bytes.
     len: usize,
 }
@@ -65,15 +67,16 @@ impl Header {
         let (value, rest) =
             postcard::take_from_bytes::<u32>(bytes).expect("idle states start with a header");
         Header {
-            partition: (value >> 1) as i32,
-            packed: value & 1 == 1,
+            partition: (value >> 2) as i32,
+            dictionary: (value & 3) as u8,
             len: bytes.len() - rest.len(),
         }
     }
 
-    /// Appends the header of a state of `partition` (never negative), packed or not.
-    fn write(partition: i32, packed: bool, bytes: Vec<u8>) -> Vec<u8> {
-        let value = (partition as u32) << 1 | u32::from(packed);
+    /// Appends the header of a state of `partition` (never negative), packed with
+    /// `dictionary` (0: plain).
+    fn write(partition: i32, dictionary: u8, bytes: Vec<u8>) -> Vec<u8> {
+        let value = (partition as u32) << 2 | u32::from(dictionary);
         postcard::to_extend(&value, bytes).expect("a number always serializes")
     }
 }
@@ -93,9 +96,9 @@ impl Stored {
     }
 
     /// The state, decoded if idle (the store holds it active from now on).
-    fn activate(&mut self, packer: Option<&Packer>) -> &mut CustomerState {
+    fn activate(&mut self, dictionaries: &Dictionaries) -> &mut CustomerState {
         if let Stored::Idle(_) = self {
-            *self = Stored::active(self.state(packer).into_owned());
+            *self = Stored::active(self.state(dictionaries).into_owned());
         }
         match self {
             Stored::Active(active) => {
@@ -107,20 +110,19 @@ impl Stored {
     }
 
     /// Calls `visit` with the state (an idle one decoded for the call).
-    fn visit<R>(&self, packer: Option<&Packer>, visit: impl FnOnce(&CustomerState) -> R) -> R {
-        visit(&self.state(packer))
+    fn visit<R>(&self, dictionaries: &Dictionaries, visit: impl FnOnce(&CustomerState) -> R) -> R {
+        visit(&self.state(dictionaries))
     }
 
     /// The state: an active one borrowed, an idle one decoded.
-    fn state(&self, packer: Option<&Packer>) -> Cow<'_, CustomerState> {
+    fn state(&self, dictionaries: &Dictionaries) -> Cow<'_, CustomerState> {
         match self {
             Stored::Active(active) => Cow::Borrowed(&active.state),
             Stored::Idle(bytes) => {
                 let header = Header::of(bytes);
-                Cow::Owned(if header.packed {
-                    unpack_idle(bytes, header, packer)
-                } else {
-                    decode_state_bytes(header.partition, &bytes[header.len..])
+                Cow::Owned(match header.dictionary {
+                    0 => decode_state_bytes(header.partition, &bytes[header.len..]),
+                    _ => unpack_idle(bytes, header, dictionaries),
                 })
             }
         }
@@ -129,10 +131,15 @@ impl Stored {
 
 /// Decodes a packed customer. Bytes that do not unpack (only a bug could cause it: they
 /// are this process's own) give an empty state, logged, as in [`decode_state_bytes`].
-fn unpack_idle(bytes: &[u8], header: Header, packer: Option<&Packer>) -> CustomerState {
-    let Header { partition, len, .. } = header;
-    let unpacked = packer
-        .ok_or_else(|| "the store has no dictionary".to_owned())
+fn unpack_idle(bytes: &[u8], header: Header, dictionaries: &Dictionaries) -> CustomerState {
+    let Header {
+        partition,
+        dictionary,
+        len,
+    } = header;
+    let unpacked = dictionaries
+        .get(dictionary)
+        .ok_or_else(|| format!("the store has no dictionary {dictionary}"))
         .and_then(|packer| {
             packer
                 .unpack(bytes, len, |raw| decode_state_bytes(partition, raw))
@@ -147,13 +154,32 @@ fn unpack_idle(bytes: &[u8], header: Header, packer: Option<&Packer>) -> Custome
     })
 }
 
-/// `bytes` (an unpacked idle customer) packed with `packer`.
-fn pack_idle(packer: &Packer, bytes: &[u8]) -> Option<Box<[u8]>> {
+/// `bytes` (an unpacked idle customer) packed with `packer`, dictionary number `number`.
+fn pack_idle(packer: &Packer, number: u8, bytes: &[u8]) -> Option<Box<[u8]>> {
     let header = Header::of(bytes);
     packer.pack(
-        &Header::write(header.partition, true, Vec::new()),
+        &Header::write(header.partition, number, Vec::new()),
         &bytes[header.len..],
     )
+}
+
+/// `bytes` (an idle customer, plain or packed with an older dictionary) packed with
+/// the latest, numbered `number`; `None` if it cannot be (then it stays as it is).
+fn repack_idle(
+    dictionaries: &Dictionaries,
+    packer: &Packer,
+    number: u8,
+    bytes: &[u8],
+) -> Option<Box<[u8]>> {
+    let header = Header::of(bytes);
+    if header.dictionary == 0 {
+        return pack_idle(packer, number, bytes);
+    }
+    let old = dictionaries.get(header.dictionary)?;
+    let new_header = Header::write(header.partition, number, Vec::new());
+    old.unpack(bytes, header.len, |raw| packer.pack(&new_header, raw))
+        .ok()
+        .flatten()
 }
 
 /// The postcard encoding in an unpacked idle customer's bytes.
@@ -166,7 +192,7 @@ fn encode_idle(state: &CustomerState) -> Box<[u8]> {
     // Sized like a changelog record, so the buffer rarely grows while written; the box
     // then keeps the exact length.
     let bytes = Vec::with_capacity(super::codec::ENCODED_CAPACITY);
-    let bytes = Header::write(state.partition, false, bytes);
+    let bytes = Header::write(state.partition, 0, bytes);
     // Plain structs, vectors, strings and numbers: serializing them cannot fail.
     postcard::to_extend(state, bytes)
         .expect("state types always serialize")
@@ -197,8 +223,8 @@ pub type WriteHook = Box<dyn Fn(&str, &CustomerState) + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct CustomerStore {
     map: Arc<DashMap<Box<str>, Stored, Hasher>>,
-    /// The dictionary packed customers are compressed with, once a sweep has trained it.
-    packer: Arc<OnceLock<Packer>>,
+    /// The dictionaries packed customers are compressed with, as sweeps train them.
+    dictionaries: Arc<Dictionaries>,
     /// Called before every write (see [`WriteHook`]), once set.
     write_hook: Arc<OnceLock<WriteHook>>,
 }
@@ -232,10 +258,6 @@ impl CustomerStore {
         self.map.is_empty()
     }
 
-    fn packer(&self) -> Option<&Packer> {
-        self.packer.get()
-    }
-
     /// Sets the hook called before every write (once; a second one is ignored).
     pub fn set_write_hook(&self, hook: WriteHook) {
         let _ = self.write_hook.set(hook);
@@ -243,8 +265,11 @@ impl CustomerStore {
 
     /// The customer's state for an event or a timer, decoded if idle.
     pub fn get_mut(&self, id: &str) -> Option<StateMut<'_>> {
-        let packer = self.packer();
-        let state = self.map.get_mut(id)?.map(|stored| stored.activate(packer));
+        let dictionaries = &*self.dictionaries;
+        let state = self
+            .map
+            .get_mut(id)?
+            .map(|stored| stored.activate(dictionaries));
         if let Some(hook) = self.write_hook.get() {
             hook(id, &state);
         }
@@ -256,11 +281,11 @@ impl CustomerStore {
         if let Some(state) = self.get_mut(id) {
             return state;
         }
-        let packer = self.packer();
+        let dictionaries = &*self.dictionaries;
         self.map
             .entry(Box::from(id))
             .or_insert_with(|| Stored::active(CustomerState::default()))
-            .map(|stored| stored.activate(packer))
+            .map(|stored| stored.activate(dictionaries))
     }
 
     /// Puts `state` in the store, active, replacing (and returning) any previous one.
@@ -284,7 +309,7 @@ impl CustomerStore {
         partition: i32,
         encoded: &[u8],
     ) -> Option<CustomerState> {
-        let mut bytes = Header::write(partition, false, Vec::with_capacity(5 + encoded.len()));
+        let mut bytes = Header::write(partition, 0, Vec::with_capacity(5 + encoded.len()));
         bytes.extend_from_slice(encoded);
         self.replace(id, Stored::Idle(bytes.into_boxed_slice()))
     }
@@ -294,20 +319,20 @@ impl CustomerStore {
         let previous = self.map.insert(id, stored)?;
         Some(match previous {
             Stored::Active(active) => active.state,
-            idle => idle.state(self.packer()).into_owned(),
+            idle => idle.state(&self.dictionaries).into_owned(),
         })
     }
 
     /// Calls `read` with the customer's state, if known (an idle one is decoded for the
     /// call and stays idle).
     pub fn read<R>(&self, id: &str, read: impl FnOnce(&CustomerState) -> R) -> Option<R> {
-        Some(self.map.get(id)?.visit(self.packer(), read))
+        Some(self.map.get(id)?.visit(&self.dictionaries, read))
     }
 
     /// Calls `visit` with every customer (idle ones decoded for the call).
     pub fn for_each(&self, mut visit: impl FnMut(&str, &CustomerState)) {
         for entry in self.map.iter() {
-            entry.visit(self.packer(), |state| visit(entry.key(), state));
+            entry.visit(&self.dictionaries, |state| visit(entry.key(), state));
         }
     }
 
@@ -335,7 +360,7 @@ impl CustomerStore {
         self.map.retain(|_, stored| {
             let drop = which(stored.partition());
             if drop {
-                stored.visit(self.packer(), &mut dropped);
+                stored.visit(&self.dictionaries, &mut dropped);
             }
             !drop
         });
@@ -343,28 +368,38 @@ impl CustomerStore {
     }
 
     /// One sweep: customers unused since the previous sweep are encoded (idle), the
-    /// others' marks cleared; with a dictionary, idle customers are packed, and without
-    /// one, a dictionary is trained once enough idle encodings are seen. Safe to run
-    /// beside the engine (another thread).
+    /// others' marks cleared; with a dictionary, idle customers are packed (or repacked,
+    /// if an older dictionary packed them) with the latest, and while a dictionary is still
+    /// to be trained, the sweep's encodings are its samples ([`Dictionaries::learn`]).
+    /// Safe to run beside the engine (another thread).
     pub fn compact_idle(&self) -> Sweep {
-        // Marks are cleared shard by shard; unmarked and unpacked customers are collected,
-        // then each encoded under its own lock, if still unused by then.
+        // Marks are cleared shard by shard; unmarked customers and idle ones not packed
+        // with the latest dictionary are collected, then each encoded or repacked under its
+        // own lock, if still idle or unused by then.
         let mut unused = Vec::new();
-        let mut unpacked = Vec::new();
+        let mut stale = Vec::new();
         let mut samples = Vec::new();
         let mut idle = 0;
-        let packer = self.packer();
+        let dictionaries = &*self.dictionaries;
+        let latest = dictionaries.latest();
+        let sampling = dictionaries.wants_samples();
         for mut entry in self.map.iter_mut() {
             match entry.value_mut() {
                 Stored::Active(active) if active.used => active.used = false,
                 Stored::Active(_) => unused.push(entry.key().clone()),
-                Stored::Idle(bytes) if Header::of(bytes).packed => idle += 1,
                 Stored::Idle(bytes) => {
                     idle += 1;
-                    if packer.is_some() {
-                        unpacked.push(entry.key().clone());
-                    } else if samples.len() < pack::MAX_SAMPLES {
-                        samples.push(unpacked_state(bytes).to_vec());
+                    let dictionary = Header::of(bytes).dictionary;
+                    match latest {
+                        Some((number, _)) if dictionary != number => {
+                            stale.push(entry.key().clone())
+                        }
+                        Some(_) => {}
+                        // No dictionary yet: every idle encoding is plain, and a sample.
+                        None if samples.len() < pack::MAX_SAMPLES => {
+                            samples.push(unpacked_state(bytes).to_vec())
+                        }
+                        None => {}
                     }
                 }
             }
@@ -376,32 +411,33 @@ impl CustomerStore {
                 && !active.used
             {
                 let bytes = encode_idle(&active.state);
-                let packed = packer.and_then(|p| pack_idle(p, &bytes));
-                if packer.is_none() && samples.len() < pack::MAX_SAMPLES {
+                if sampling && samples.len() < pack::MAX_SAMPLES {
                     samples.push(unpacked_state(&bytes).to_vec());
                 }
+                let packed = latest.and_then(|(number, p)| pack_idle(p, number, &bytes));
                 sweep.packed += usize::from(packed.is_some());
                 *entry.value_mut() = Stored::Idle(packed.unwrap_or(bytes));
                 sweep.encoded += 1;
             }
         }
-        if let Some(packer) = packer {
-            for id in unpacked {
+        if let Some((number, packer)) = latest {
+            for id in stale {
                 if let Some(mut entry) = self.map.get_mut(&id)
                     && let Stored::Idle(bytes) = entry.value()
-                    && !Header::of(bytes).packed
-                    && let Some(packed) = pack_idle(packer, bytes)
+                    && Header::of(bytes).dictionary != number
+                    && let Some(packed) = repack_idle(dictionaries, packer, number, bytes)
                 {
                     *entry.value_mut() = Stored::Idle(packed);
                     sweep.packed += 1;
                 }
             }
-        } else if let Some(trained) = Packer::train(&samples) {
+        }
+        if sampling && let Some(number) = dictionaries.learn(&samples) {
             tracing::debug!(
                 samples = samples.len(),
-                "Trained the dictionary idle customers are packed with."
+                dictionary = number,
+                "Trained a dictionary idle customers are packed with."
             );
-            let _ = self.packer.set(trained);
         }
         sweep.idle = idle + sweep.encoded;
         sweep.customers = self.map.len();
@@ -469,7 +505,7 @@ mod tests {
             (count, 0),
             "trained, not yet packed"
         );
-        assert!(store.packer().is_some());
+        assert!(store.dictionaries.get(1).is_some());
         let sweep = store.compact_idle();
         assert_eq!((sweep.packed, sweep.idle), (count, count));
         let packed_bytes = store.for_each_active(|_, _| panic!("every customer is idle"));
@@ -487,6 +523,62 @@ mod tests {
         assert_eq!(store.read("c-8", Clone::clone), Some(customer(8)));
         let dropped = store.drop_partitions(|p| p == 100, |s| assert_eq!(s.partition, 100));
         assert_eq!(dropped, (0..count).filter(|i| i % 4 == 1).count());
+    }
+
+    #[test]
+    fn grown_states_train_a_second_dictionary_and_are_repacked_with_it() {
+        let store = CustomerStore::new();
+        let count = pack::MIN_SAMPLES + 100;
+        // Young states first, then the same customers with much more history.
+        let customer = |i: usize, grown: bool| {
+            let mut state = state(i as i32 % 3, i as u64);
+            let categories = if grown { 24 } else { 1 };
+            for c in 0..categories {
+                state
+                    .categories
+                    .push((format!("category-{}", (i + c) % 29).into(), c as u32));
+            }
+            state
+        };
+        let idle_after_two_sweeps = |grown: bool| {
+            for i in 0..count {
+                store.insert(format!("c-{i}").into(), customer(i, grown));
+            }
+            store.compact_idle();
+            store.compact_idle()
+        };
+        idle_after_two_sweeps(false);
+        assert!(store.dictionaries.get(1).is_some(), "the first is trained");
+        assert!(store.dictionaries.get(2).is_none());
+        // The same young states again teach nothing new.
+        idle_after_two_sweeps(false);
+        assert!(store.dictionaries.get(2).is_none(), "no growth, no second");
+        let sweep = idle_after_two_sweeps(true);
+        assert_eq!(sweep.encoded, count);
+        assert!(
+            store.dictionaries.get(2).is_some(),
+            "grown states train a second"
+        );
+        // The next sweep repacks every customer the first dictionary packed.
+        let sweep = store.compact_idle();
+        assert_eq!(sweep.packed, count);
+        for mut entry in store.map.iter_mut() {
+            let Stored::Idle(bytes) = entry.value_mut() else {
+                panic!("every customer is idle");
+            };
+            assert_eq!(Header::of(bytes).dictionary, 2);
+        }
+        for i in (0..count).step_by(37) {
+            assert_eq!(
+                store.read(&format!("c-{i}"), Clone::clone),
+                Some(customer(i, true))
+            );
+        }
+        assert_eq!(
+            *store.get_mut("c-5").unwrap(),
+            customer(5, true),
+            "woken whole"
+        );
     }
 
     /// The map's slots (half of them spare after it grows) hold a key and this.
