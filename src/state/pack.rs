@@ -37,6 +37,8 @@ pub const MAX_SAMPLES: usize = 8_000;
 
 /// How much larger (in mean plain encoding length) the states a sweep encodes must have
 /// grown since the first dictionary was trained for a second one to be trained on them.
+/// The memory bench at 1,000,000 customers: 464 bytes a customer with 1.5, 473 with 1.25,
+/// 506 with no second dictionary.
 const RETRAIN_GROWTH: f64 = 1.5;
 
 thread_local! {
