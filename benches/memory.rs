@@ -158,8 +158,8 @@ fn heap_of<T>(make: impl FnOnce() -> T) -> usize {
     bytes.max(0) as usize
 }
 
-/// Where the store's bytes go, summed over its active customers: the inline struct, the
-/// id, and each part's heap; with the number of active customers and the bytes of the
+/// Where the store's bytes go, summed over its active customers: the inline struct (with
+/// the recent events' keys), the id, and each part's heap; with the number of active customers and the bytes of the
 /// idle ones' encodings.
 fn breakdown(engine: &Engine) -> (Vec<(&'static str, usize)>, usize, usize) {
     let mut parts = [
@@ -167,7 +167,6 @@ fn breakdown(engine: &Engine) -> (Vec<(&'static str, usize)>, usize, usize) {
         ("id", 0),
         ("slots", 0),
         ("context+traits", 0),
-        ("recent ids", 0),
         ("categories", 0),
         ("cart", 0),
         ("session+segments", 0),
@@ -179,10 +178,9 @@ fn breakdown(engine: &Engine) -> (Vec<(&'static str, usize)>, usize, usize) {
         parts[1].1 += heap_of(|| Box::<str>::from(id));
         parts[2].1 += heap_of(|| state.slots.clone());
         parts[3].1 += heap_of(|| (state.context.clone(), state.traits.clone()));
-        parts[4].1 += heap_of(|| state.recent_events.clone());
-        parts[5].1 += heap_of(|| state.categories.clone());
-        parts[6].1 += heap_of(|| state.cart.lines.clone());
-        parts[7].1 += heap_of(|| (state.session.id.clone(), state.segments.clone()));
+        parts[4].1 += heap_of(|| state.categories.clone());
+        parts[5].1 += heap_of(|| state.cart.lines.clone());
+        parts[6].1 += heap_of(|| (state.session.id.clone(), state.segments.clone()));
     });
     (parts.to_vec(), active, idle_bytes)
 }

@@ -3,12 +3,11 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::recent::{RECENT_EVENT_IDS, RecentKeys};
 use super::slots::SlotState;
 use crate::event::{Event, Item, Props, lookup, upsert};
 use crate::time::{Millis, format_timestamp};
 
-/// How many recent event ids a customer remembers to recognise a replayed event.
-pub const RECENT_EVENT_IDS: usize = 16;
 /// The bits of an event's dedup key a customer keeps: 49, the most a 7-byte varint holds
 /// (a whole 64-bit hash takes 10), so the 16 keys take 112 bytes of every encoding of the
 /// state instead of 160. Two different events of one customer pass for each other with
@@ -43,7 +42,7 @@ pub struct CustomerState {
     pub categories: Vec<(Box<str>, u32)>,
     /// Dedup keys of the most recent events (their low bits: `KEPT_KEY_MASK`), a ring: a
     /// replayed event is recognised and changes nothing.
-    pub recent_events: Vec<u64>,
+    pub recent_events: RecentKeys,
     /// Where the next dedup key goes in `recent_events`.
     pub recent_cursor: u8,
     /// The rule-specific state, one entry per slot of the loaded rules.
@@ -152,15 +151,17 @@ impl CustomerState {
         // Whole keys, kept before keys were shortened, still match.
         if self
             .recent_events
+            .as_slice()
             .iter()
             .any(|&kept| kept & KEPT_KEY_MASK == dedup_key)
         {
             return true;
         }
-        if self.recent_events.len() < RECENT_EVENT_IDS {
+        if !self.recent_events.is_full() {
             self.recent_events.push(dedup_key);
         } else {
-            self.recent_events[usize::from(self.recent_cursor)] = dedup_key;
+            self.recent_events
+                .set(usize::from(self.recent_cursor), dedup_key);
             self.recent_cursor = ((usize::from(self.recent_cursor) + 1) % RECENT_EVENT_IDS) as u8;
         }
         false
@@ -578,12 +579,13 @@ mod tests {
         let whole = 0xfedc_ba98_7654_3210_u64;
         let mut state = CustomerState::default();
         assert!(!state.check_and_remember(whole));
-        assert!(state.recent_events[0] < 1 << 49, "kept short");
-        let encoded = postcard::to_allocvec(&state.recent_events[0]).unwrap();
+        let kept = state.recent_events.as_slice()[0];
+        assert!(kept < 1 << 49, "kept short");
+        let encoded = postcard::to_allocvec(&kept).unwrap();
         assert!(encoded.len() <= 7, "{} bytes", encoded.len());
 
         let mut older = CustomerState {
-            recent_events: vec![whole],
+            recent_events: [whole].into(),
             ..CustomerState::default()
         };
         assert!(

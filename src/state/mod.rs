@@ -1,5 +1,5 @@
-//! Per-customer state: the built-in facts ([`customer`]), the rule-specific slots
-//! ([`slots`]), sliding windows ([`window`]), the concurrent map that holds every
+//! Per-customer state: the built-in facts ([`customer`]), the recent events' dedup keys
+//! ([`recent`]), the rule-specific slots ([`slots`]), sliding windows ([`window`]), the concurrent map that holds every
 //! customer, active or (encoded) idle ([`CustomerStore`]), the encodings ([`codec`]) and
 //! the compression of idle ones ([`pack`]).
 //!
@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod customer;
 pub mod pack;
+pub mod recent;
 pub mod slots;
 pub mod store;
 pub mod window;
