@@ -412,8 +412,13 @@ async fn no_offset_is_committed_ahead_of_the_stored_states() {
 ///
 /// Measured (debug builds, 2026-11-27): most runs have overlaps and still match the
 /// replay exactly (the most advanced changelog state wins a restore, and duplicates carry
-/// the same change ids); nine tests made twelve runs, three void, every test passed. At
-/// one void run in four, all [`ATTEMPTS`] are void about once in 250 tests. Eager assignment (`CRASH_ASSIGNMENT=range`) is worse: Tansu
+/// the same change ids). Twelve tests made seventeen runs: eleven matched, five were
+/// void, and one failed — `CRASH_SEED=1795807502762580374`: fourteen customers of
+/// partition 2, which no two instances owned at once (one owner, killed and restarted,
+/// then the same instance to the end), lost their events from input offset ≈ 5,810 for a
+/// few hours of event time: a customer's cart-abandonment timer fired past events that
+/// were never applied. Not explained yet; CI retries this test once (nextest reports it
+/// FLAKY), so it keeps showing. Eager assignment (`CRASH_ASSIGNMENT=range`) is worse: Tansu
 /// never settled the group after a restarted member rejoined (both runs void). With
 /// `CRASH_SEED`, one run with those faults; `cargo test --test crash -- --nocapture
 /// killed_and_rescaled` shows the void runs' reasons.
@@ -423,7 +428,7 @@ async fn killed_and_rescaled_instances_publish_what_one_uninterrupted_replay_doe
 }
 
 /// How many runs [`crash_runs`] makes at most.
-const ATTEMPTS: usize = 4;
+const ATTEMPTS: usize = 3;
 
 /// Runs [`crash_run`] until a run checks segmentd: a run in which the broker broke the
 /// group protocol ([`overlapping_owners`], or a group that never settles) proves nothing
