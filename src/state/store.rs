@@ -154,30 +154,21 @@ fn unpack_idle(bytes: &[u8], header: Header, dictionaries: &Dictionaries) -> Cus
     })
 }
 
-/// `bytes` (an unpacked idle customer) packed with `packer`, dictionary number `number`.
-fn pack_idle(packer: &Packer, number: u8, bytes: &[u8]) -> Option<Box<[u8]>> {
-    let header = Header::of(bytes);
-    packer.pack(
-        &Header::write(header.partition, number, Vec::new()),
-        &bytes[header.len..],
-    )
-}
-
 /// `bytes` (an idle customer, plain or packed with an older dictionary) packed with
-/// the latest, numbered `number`; `None` if it cannot be (then it stays as it is).
-fn repack_idle(
+/// `packer`, dictionary number `number`; `None` if it cannot be (then it stays as it is).
+fn pack_idle(
     dictionaries: &Dictionaries,
     packer: &Packer,
     number: u8,
     bytes: &[u8],
 ) -> Option<Box<[u8]>> {
     let header = Header::of(bytes);
+    let packed_header = Header::write(header.partition, number, Vec::new());
     if header.dictionary == 0 {
-        return pack_idle(packer, number, bytes);
+        return packer.pack(&packed_header, &bytes[header.len..]);
     }
     let old = dictionaries.get(header.dictionary)?;
-    let new_header = Header::write(header.partition, number, Vec::new());
-    old.unpack(bytes, header.len, |raw| packer.pack(&new_header, raw))
+    old.unpack(bytes, header.len, |raw| packer.pack(&packed_header, raw))
         .ok()
         .flatten()
 }
@@ -414,7 +405,8 @@ impl CustomerStore {
                 if sampling && samples.len() < pack::MAX_SAMPLES {
                     samples.push(unpacked_state(&bytes).to_vec());
                 }
-                let packed = latest.and_then(|(number, p)| pack_idle(p, number, &bytes));
+                let packed =
+                    latest.and_then(|(number, p)| pack_idle(dictionaries, p, number, &bytes));
                 sweep.packed += usize::from(packed.is_some());
                 *entry.value_mut() = Stored::Idle(packed.unwrap_or(bytes));
                 sweep.encoded += 1;
@@ -425,7 +417,7 @@ impl CustomerStore {
                 if let Some(mut entry) = self.map.get_mut(&id)
                     && let Stored::Idle(bytes) = entry.value()
                     && Header::of(bytes).dictionary != number
-                    && let Some(packed) = repack_idle(dictionaries, packer, number, bytes)
+                    && let Some(packed) = pack_idle(dictionaries, packer, number, bytes)
                 {
                     *entry.value_mut() = Stored::Idle(packed);
                     sweep.packed += 1;
