@@ -41,7 +41,8 @@ pub struct IngestContext {
     durable: Option<Durable>,
     /// Set once the service has made its last drain, checkpoint and commit (or chose not
     /// to, after a failure): the revocation that closing the consumer then brings only
-    /// drops state, so closing neither waits for a broker again nor writes anything.
+    /// drops state, so closing neither waits for a broker again nor writes anything, and
+    /// an assignment then restores nothing.
     finished: AtomicBool,
     /// The partition numbers this member owns, as its rebalance callbacks assigned and
     /// revoked them. Kept here instead of asked of librdkafka: asking for the assignment
@@ -368,7 +369,11 @@ impl ConsumerContext for IngestContext {
                     owned.extend(&numbers);
                 });
                 self.readiness.assigned();
-                if let Some(durable) = &self.durable {
+                // Assigned while the consumer closes (a broker may still hand partitions
+                // out then): nothing will read them, so nothing is restored.
+                if let Some(durable) = &self.durable
+                    && !self.finished.load(Ordering::Relaxed)
+                {
                     for &number in &numbers {
                         let inputs = durable.restorer.inputs_of(number);
                         if let Err(err) = consumer.pause(&inputs) {
