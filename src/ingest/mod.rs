@@ -927,6 +927,21 @@ impl Pipeline {
         let topic = message.topic();
         let partition: PartitionKey = (self.topic_name(topic), message.partition());
         let offset = message.offset();
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && let Some(last) = self.tracker.last_registered(&partition)
+            && offset > last + 1
+        {
+            // Normal on compacted or transactional topics (offsets without a message to
+            // read); elsewhere a broker that skipped messages (Tansu 0.6 answers a fetch
+            // starting inside a batch from the next batch on).
+            tracing::debug!(
+                topic,
+                partition = partition.1,
+                offset,
+                last,
+                "Input offsets jumped: the messages between were not delivered."
+            );
+        }
         if self.tracker.already_read(&partition, offset) {
             tracing::debug!(
                 topic,

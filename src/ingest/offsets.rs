@@ -255,6 +255,13 @@ impl OffsetTracker {
             .is_some_and(|state| state.registered >= Some(offset))
     }
 
+    /// The last message of `partition` registered, if any (to notice offsets that jump).
+    pub fn last_registered(&self, partition: &PartitionKey) -> Option<i64> {
+        self.lock()
+            .get(partition)
+            .and_then(|state| state.registered)
+    }
+
     /// A partition's progress, for diagnostics: the last message registered, the last
     /// completed in order, and the oldest in flight with its outstanding records.
     pub fn progress(&self, partition: &PartitionKey) -> String {
