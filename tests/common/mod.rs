@@ -159,14 +159,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Sends raw request text and reads the whole response: (status, body). Status 0 means
-/// nothing listens there (yet).
+/// nothing listens there (yet), or nothing answered within 30 s.
 pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        Some(response)
+    };
+    let Ok(Some(response)) = tokio::time::timeout(Duration::from_secs(30), exchange).await else {
         return (0, String::new());
     };
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text
         .split_whitespace()
