@@ -419,9 +419,9 @@ async fn no_offset_is_committed_ahead_of_the_stored_states() {
 /// Runs then lost whole stretches of a partition's events — the failures recorded with
 /// `CRASH_SEED=1795807502762580374` have that shape (one partition's events lost from
 /// one offset on, about a batch's worth, then read again) — and differences were taken
-/// for the overlaps' doing. With one record per batch: eleven runs on 2026-11-27 (ten seeds at
-/// random and the one that failed), all equal to the replay, none void, each with 8–24
-/// overlaps.
+/// for the overlaps' doing. With one record per batch: eleven runs on 2026-11-27 (ten
+/// seeds at random and the one that failed), all equal to the replay, none void, each
+/// with 8–24 overlaps.
 ///
 /// `CRASH_SEED` repeats the faults (not the broker's timing); `cargo test --test crash --
 /// --nocapture killed_and_rescaled` shows void runs' reasons.
@@ -437,6 +437,14 @@ const ATTEMPTS: usize = 3;
 /// has stopped reading from its clients' connections mid-run (seen once in ten runs on
 /// 2026-11-27: every client's requests unanswered for 12 minutes).
 const BROKER_ANSWER: Duration = Duration::from_secs(60);
+
+/// Why a run is void when a produce went unanswered for [`BROKER_ANSWER`] at `at`.
+fn unanswered(at: &str, faults: &[String], dir: &Path) -> String {
+    format!(
+        "the broker stopped answering produce requests at {at} (faults {faults:?}; logs in {})",
+        dir.display()
+    )
+}
 
 /// Runs [`crash_run`] until a run checks segmentd: a run in which the broker stopped
 /// working (a group that never settles, produce requests unanswered) proves nothing
@@ -570,17 +578,10 @@ async fn crash_run(base: usize, kinds: &[&str], seed: u64) -> Result<(), String>
             })
             .collect();
         for delivery in deliveries {
-            match tokio::time::timeout(BROKER_ANSWER, delivery).await {
-                Ok(acknowledged) => {
-                    acknowledged.expect("delivered").expect("acknowledged");
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "the broker stopped answering produce requests at chunk {index} (faults {events:?}; logs in {})",
-                        dir.display()
-                    ));
-                }
-            }
+            let Ok(acknowledged) = tokio::time::timeout(BROKER_ANSWER, delivery).await else {
+                return Err(unanswered(&format!("chunk {index}"), &events, &dir));
+            };
+            acknowledged.expect("delivered").expect("acknowledged");
         }
         for (_, fault) in faults.iter().filter(|(at, _)| *at == index) {
             // Let the instances get into the chunk, then strike mid-stream.
@@ -642,17 +643,10 @@ async fn crash_run(base: usize, kinds: &[&str], seed: u64) -> Result<(), String>
                 .payload(payload),
             Duration::from_secs(10),
         );
-        match tokio::time::timeout(BROKER_ANSWER, sent).await {
-            Ok(acknowledged) => {
-                acknowledged.expect("sentinel produced");
-            }
-            Err(_) => {
-                return Err(format!(
-                    "the broker stopped answering produce requests at the end (faults {events:?}; logs in {})",
-                    dir.display()
-                ));
-            }
-        }
+        let Ok(acknowledged) = tokio::time::timeout(BROKER_ANSWER, sent).await else {
+            return Err(unanswered("the end", &events, &dir));
+        };
+        acknowledged.expect("sentinel produced");
     }
     println!("faults: {events:?}");
 
