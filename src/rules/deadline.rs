@@ -136,6 +136,11 @@ fn compare_change(op: CmpOp, l: &Node, r: &Node, at: At<'_>) -> Option<Millis> {
     if falling_settled(op, l, r, rn, at) || falling_settled(mirror(op), r, l, ln, at) {
         return None;
     }
+    // Sides that do not grow with time are constant until the next step: no crossing,
+    // and no need to evaluate them (a window's sum, a `top`) to find that out.
+    if !grows_with_time(l) && !grows_with_time(r) {
+        return earliest([ln, rn]);
+    }
     let crossing = match (linear(l, at), linear(r, at)) {
         (Form::Linear(ls, li), Form::Linear(rs, ri)) if ls != rs => {
             // l − r = slope × t + offset crosses zero at x; past x its sign is settled.
