@@ -543,7 +543,7 @@ async fn crash_run(base: usize, kinds: &[&str], seed: u64) -> Result<(), String>
     // seeking to a committed offset, librdkafka fetching again after a rebalance) never
     // gets the rest of that batch. With batches of ~130 records that lost whole runs of a
     // partition's events (found 2026-11-27: an instance's offsets jumped 1572 → 1708 just
-    // after a rebalance; a fetch from offset 150 of batches 0–99, 100–199 returns 200).
+    // after a rebalance; with batches of 100 records a fetch from offset 150 returns 200).
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("enable.idempotence", "true")
