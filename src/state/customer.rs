@@ -584,10 +584,8 @@ mod tests {
         let encoded = postcard::to_allocvec(&kept).unwrap();
         assert!(encoded.len() <= 7, "{} bytes", encoded.len());
 
-        let mut older = CustomerState {
-            recent_events: [whole].into(),
-            ..CustomerState::default()
-        };
+        let mut older = CustomerState::default();
+        older.recent_events.push(whole);
         assert!(
             older.check_and_remember(whole),
             "a whole key written before"

@@ -49,15 +49,6 @@ impl RecentKeys {
     }
 }
 
-impl<const N: usize> From<[u64; N]> for RecentKeys {
-    /// The first [`RECENT_EVENT_IDS`] of `keys`.
-    fn from(keys: [u64; N]) -> Self {
-        let mut recent = RecentKeys::default();
-        keys.into_iter().for_each(|key| recent.push(key));
-        recent
-    }
-}
-
 impl Serialize for RecentKeys {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(usize::from(self.len)))?;
