@@ -159,8 +159,8 @@ fn heap_of<T>(make: impl FnOnce() -> T) -> usize {
 }
 
 /// Where the store's bytes go, summed over its active customers: the inline struct (with
-/// the recent events' keys), the id, and each part's heap; with the number of active customers and the bytes of the
-/// idle ones' encodings.
+/// the recent events' keys), the id, and each part's heap; with the number of active
+/// customers and the bytes of the idle ones' encodings.
 fn breakdown(engine: &Engine) -> (Vec<(&'static str, usize)>, usize, usize) {
     let mut parts = [
         ("inline state", 0),

@@ -1,7 +1,7 @@
 //! Per-customer state: the built-in facts ([`customer`]), the recent events' dedup keys
-//! ([`recent`]), the rule-specific slots ([`slots`]), sliding windows ([`window`]), the concurrent map that holds every
-//! customer, active or (encoded) idle ([`CustomerStore`]), the encodings ([`codec`]) and
-//! the compression of idle ones ([`pack`]).
+//! ([`recent`]), the rule-specific slots ([`slots`]), sliding windows ([`window`]), the
+//! concurrent map that holds every customer, active or (encoded) idle ([`CustomerStore`]),
+//! the encodings ([`codec`]) and the compression of idle ones ([`pack`]).
 //!
 //! Pure data and arithmetic: no I/O, no clock. The engine decides what time it is. Every
 //! piece of state derives serde's traits, so a customer can be written out and read back
