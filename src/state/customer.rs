@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::recent::{RECENT_EVENT_IDS, RecentKeys};
 use super::slots::SlotState;
-use crate::event::{Event, Item, Props, lookup, upsert};
+use crate::event::{Event, Item, Props, Text, lookup, upsert};
 use crate::time::{Millis, format_timestamp};
 
 /// The bits of an event's dedup key a customer keeps: 49, the most a 7-byte varint holds
@@ -39,7 +39,7 @@ pub struct CustomerState {
     /// (by event time: an out-of-order event fills only keys not yet known).
     pub context: Props,
     /// How often each category was viewed or added to the cart.
-    pub categories: Vec<(Box<str>, u32)>,
+    pub categories: Vec<(Text, u32)>,
     /// Dedup keys of the most recent events (their low bits: `KEPT_KEY_MASK`), a ring: a
     /// replayed event is recognised and changes nothing.
     pub recent_events: RecentKeys,

@@ -28,6 +28,7 @@ use dashmap::mapref::one::MappedRefMut;
 
 use super::CustomerState;
 use super::pack::{self, Dictionaries, Packer};
+use crate::event::Text;
 
 /// The map's hasher.
 type Hasher = foldhash::fast::RandomState;
@@ -203,7 +204,7 @@ fn decode_state_bytes(partition: i32, bytes: &[u8]) -> CustomerState {
 }
 
 /// A customer's state borrowed for writing (the map's lock of its shard held).
-pub type StateMut<'a> = MappedRefMut<'a, Box<str>, Stored, CustomerState>;
+pub type StateMut<'a> = MappedRefMut<'a, Text, Stored, CustomerState>;
 
 /// Called with a customer's id and state each time the state is borrowed for writing,
 /// before the borrower sees it, under the customer's lock: a changelog checkpoint that
@@ -213,7 +214,9 @@ pub type WriteHook = Box<dyn Fn(&str, &CustomerState) + Send + Sync>;
 /// Every customer's state (see the module documentation). Cloning shares the map.
 #[derive(Clone, Default)]
 pub struct CustomerStore {
-    map: Arc<DashMap<Box<str>, Stored, Hasher>>,
+    /// Keyed by customer id, held inline when short (most ids are): a lookup compares the
+    /// id without following a pointer to it.
+    map: Arc<DashMap<Text, Stored, Hasher>>,
     /// The dictionaries packed customers are compressed with, as sweeps train them.
     dictionaries: Arc<Dictionaries>,
     /// Called before every write (see [`WriteHook`]), once set.
@@ -274,7 +277,7 @@ impl CustomerStore {
         }
         let dictionaries = &*self.dictionaries;
         self.map
-            .entry(Box::from(id))
+            .entry(Text::from(id))
             .or_insert_with(|| Stored::active(CustomerState::default()))
             .map(|stored| stored.activate(dictionaries))
     }
@@ -307,7 +310,7 @@ impl CustomerStore {
 
     /// Puts `stored` in the map; returns the state it replaced.
     fn replace(&self, id: Box<str>, stored: Stored) -> Option<CustomerState> {
-        let previous = self.map.insert(id, stored)?;
+        let previous = self.map.insert(Text::from(String::from(id)), stored)?;
         Some(match previous {
             Stored::Active(active) => active.state,
             idle => idle.state(&self.dictionaries).into_owned(),
