@@ -112,12 +112,17 @@ pub fn next_change(node: &Node, at: At<'_>) -> Option<Millis> {
         }
         Node::And(l, r) | Node::Or(l, r) => {
             let settled = matches!(node, Node::Or(..));
-            let (ln, rn) = (next_change(l, at), next_change(r, at));
-            // A side that holds the whole answer and cannot change with time settles it.
+            // A side that holds the whole answer and cannot change with time settles it;
+            // the other side is then not looked at.
             let decides = |side: &Node, next: Option<Millis>| {
                 next.is_none() && at.value(side).is_true() == settled
             };
-            if decides(l, ln) || decides(r, rn) {
+            let ln = next_change(l, at);
+            if decides(l, ln) {
+                return None;
+            }
+            let rn = next_change(r, at);
+            if decides(r, rn) {
                 None
             } else {
                 earliest([ln, rn])
