@@ -116,6 +116,19 @@ impl PropValue {
         })
     }
 
+    /// Like [`from_json`](Self::from_json), taking the value: an array or an object is
+    /// handed back. A scalar taken apart leaves nothing to drop, which counts where every
+    /// member of every event goes through here.
+    pub fn from_json_owned(value: Json<'_>) -> Result<PropValue, Json<'_>> {
+        Ok(match value {
+            Json::Null => PropValue::Null,
+            Json::Bool(b) => PropValue::Bool(b),
+            Json::Num(n) => PropValue::Num(n.as_f64()),
+            Json::Str(s) => PropValue::Str(Text::from(&*s)),
+            nested @ (Json::Array(_) | Json::Object(_)) => return Err(nested),
+        })
+    }
+
     /// The value as JSON, for output records and the HTTP API.
     pub fn to_json(&self) -> Value {
         match self {

@@ -220,10 +220,9 @@ fn scalar_members<'a>(
         }
         keys[count] = key;
         count += 1;
-        let value = reader.value(2)?;
-        match PropValue::from_json(&value) {
-            Some(scalar) => props.push((key.into(), scalar)),
-            None => container(key, value)?,
+        match PropValue::from_json_owned(reader.value(2)?) {
+            Ok(scalar) => props.push((key.into(), scalar)),
+            Err(nested) => container(key, nested)?,
         }
         Some(())
     })?;
