@@ -10,8 +10,8 @@
 //!    memory at the end, are read from `/proc`.
 //! 2. **Latency at a fixed rate**: with segmentd caught up, live events (generated
 //!    beforehand, each with the event time it is sent at) are produced at `--rate` for
-//!    `--live` (the producer batches for up to 5 ms, librdkafka's default); a
-//!    consumer reads the output topic. Latency is an output change's arrival at that
+//!    `--live` (the producer batches for up to `--client-wait-ms`, 5 by default,
+//!    librdkafka's default); a consumer reads the output topic. Latency is an output change's arrival at that
 //!    consumer minus the moment its causing event was handed to the producer (one clock,
 //!    one process), also split at the change's `emitted_at` (segmentd's clock, same
 //!    machine): event to change made (input client, broker, segmentd's consumer and
@@ -72,6 +72,11 @@ struct Args {
     /// segmentd's configuration (brokers, group and HTTP address are overridden).
     #[arg(long, default_value = "config/segmentd.toml")]
     config: PathBuf,
+    /// How long the harness's own clients wait in the latency phases, in ms: its producer's
+    /// `linger.ms` and its output consumer's `fetch.wait.max.ms` (segmentd's own are in
+    /// `--config`).
+    #[arg(long, default_value_t = 5)]
+    client_wait_ms: u32,
     /// Skip the saturation latency phase.
     #[arg(long)]
     no_saturation: bool,
@@ -173,7 +178,11 @@ fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
     );
 
     let lateness = config.time.allowed_lateness.millis();
-    let output = OutputReader::start(&broker.address, &config.kafka.output_topic)?;
+    let output = OutputReader::start(
+        &broker.address,
+        &config.kafka.output_topic,
+        args.client_wait_ms,
+    )?;
     let fixed = live_phase(broker, &input, &output, 2, args, args.rate, lateness)?;
     fixed.print(&format!("at {} events/s", args.rate), lateness);
     if !args.no_saturation {
@@ -383,7 +392,7 @@ fn live_phase(
     let events: Vec<Generated> = (0..count)
         .map(|i| generator.next_at(t0 + (i * 1000 / planned_rate) as i64))
         .collect();
-    let sink = TopicSink::new(&broker.address, input)?;
+    let sink = TopicSink::with_linger(&broker.address, input, args.client_wait_ms)?;
     while wall_clock_now() < t0 {
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -482,12 +491,12 @@ struct OutputReader {
 }
 
 impl OutputReader {
-    fn start(brokers: &str, topic: &str) -> anyhow::Result<OutputReader> {
+    fn start(brokers: &str, topic: &str, wait_ms: u32) -> anyhow::Result<OutputReader> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", "e2e-harness")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", wait_ms.to_string())
             .create()?;
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let partitions = metadata.topics()[0].partitions().len() as i32;

@@ -198,10 +198,16 @@ pub struct TopicSink {
 impl TopicSink {
     /// A sink on `topic` at `brokers`, batching for up to 5 ms.
     pub fn new(brokers: &str, topic: &str) -> anyhow::Result<Self> {
+        Self::with_linger(brokers, topic, 5)
+    }
+
+    /// A sink on `topic` at `brokers`, batching for up to `linger_ms` (0: each message is
+    /// sent as soon as the connection is free, for the lowest latency).
+    pub fn with_linger(brokers: &str, topic: &str, linger_ms: u32) -> anyhow::Result<Self> {
         let failures = Arc::new(AtomicU64::new(0));
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("linger.ms", "5")
+            .set("linger.ms", linger_ms.to_string())
             .set("enable.idempotence", "true")
             .create_with_context(CountFailures(failures.clone()))
             .context("cannot create the producer")?;
