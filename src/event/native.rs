@@ -211,7 +211,8 @@ fn scalar_members<'a>(
     if reader.peek()? == b'n' {
         return matches!(reader.value(1)?, Json::Null).then_some(None);
     }
-    let mut props = Props::new();
+    // Room for the usual few members at once, not grown from empty push by push.
+    let mut props = Props::with_capacity(4);
     let mut keys = [""; MAX_DIRECT_MEMBERS];
     let mut count = 0;
     reader.members(2, |reader, key| {
