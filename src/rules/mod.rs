@@ -208,10 +208,10 @@ pub struct RuleSet {
     /// Every segment, dependencies first: what a customer's first event evaluates, since
     /// a rule may already hold for a customer with no history (`traits.tier != 'gold'`).
     pub full_plan: Vec<u16>,
-    /// Per event type id: whether its plan re-evaluates a segment in `timed`. Only then
-    /// can the event move the customer's next deadline: the other timed rules' inputs
-    /// and memberships are as they were when the deadline was computed.
-    pub moves_deadline: Vec<bool>,
+    /// Per event type id: the segments of `timed` its plan re-evaluates. Only theirs can
+    /// the event move: the other timed rules' inputs and memberships are as they were when
+    /// the customer's deadline was computed, so their next changes are no earlier than it.
+    pub deadline_plan: Vec<Vec<u16>>,
     /// Per event type id: the slots to feed.
     pub slot_plan: Vec<Vec<u16>>,
     /// The segments whose answer can change with time alone, and those built on them
@@ -308,9 +308,9 @@ impl RuleSet {
             .copied()
             .filter(|&s| segments[usize::from(s)].deps.time)
             .collect();
-        let moves_deadline = eval_plan
+        let deadline_plan = eval_plan
             .iter()
-            .map(|plan| plan.iter().any(|s| timed.contains(s)))
+            .map(|plan| timed.iter().copied().filter(|s| plan.contains(s)).collect())
             .collect();
         let slot_plan = (0..types.id_count())
             .map(|t| {
@@ -331,7 +331,7 @@ impl RuleSet {
             slots,
             types,
             eval_plan,
-            moves_deadline,
+            deadline_plan,
             full_plan: order,
             slot_plan,
             timer_plan,

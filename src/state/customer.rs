@@ -18,6 +18,24 @@ const KEPT_KEY_MASK: u64 = (1 << 49) - 1;
 pub const MAX_CART_LINES: usize = 200;
 /// Most distinct keys kept in `traits` and in `context`; new keys beyond are ignored.
 pub const MAX_PROPS: usize = 64;
+/// [`TimerSegment`] when no time-dependent segment has a next change.
+pub const NO_TIMED_SEGMENT: u16 = u16::MAX;
+
+/// Which time-dependent segment a customer's timer is the next change of
+/// ([`NO_TIMED_SEGMENT`]: none has one), as last computed from all of them; `None` when
+/// not known (a state decoded or restored). While it is known and an event does not
+/// re-evaluate that segment, only the segments the event does re-evaluate need their next
+/// change computed. Derived from the rest of the state: not stored, and two states equal
+/// in everything else are equal whatever it says.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimerSegment(pub Option<u16>);
+
+impl PartialEq for TimerSegment {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// Most categories counted for interest; new categories beyond are ignored.
 pub const MAX_CATEGORIES: usize = 64;
 
@@ -56,6 +74,9 @@ pub struct CustomerState {
     pub clock: Millis,
     /// When the rules may next change with time alone: the one pending timer.
     pub timer: Option<Millis>,
+    /// Which time-dependent segment `timer` is the next change of (see [`TimerSegment`]).
+    #[serde(skip)]
+    pub timer_segment: TimerSegment,
     /// The input partition number the customer's events come from: the state is dropped
     /// when that partition moves to another instance. Not stored: the changelog
     /// partition says it.
