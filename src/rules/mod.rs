@@ -208,9 +208,9 @@ pub struct RuleSet {
     /// Every segment, dependencies first: what a customer's first event evaluates, since
     /// a rule may already hold for a customer with no history (`traits.tier != 'gold'`).
     pub full_plan: Vec<u16>,
-    /// Per event type id: the segments of `timed` its plan re-evaluates. Only theirs can
-    /// the event move: the other timed rules' inputs and memberships are as they were when
-    /// the customer's deadline was computed, so their next changes are no earlier than it.
+    /// Per event type id: the segments of `timed` its plan re-evaluates, the only ones
+    /// whose next change the event can move: the other timed rules' inputs and
+    /// memberships are as they were when the customer's deadline was computed.
     pub deadline_plan: Vec<Vec<u16>>,
     /// Per event type id: the slots to feed.
     pub slot_plan: Vec<Vec<u16>>,
