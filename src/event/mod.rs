@@ -107,13 +107,12 @@ impl PropValue {
     /// Converts a parsed JSON value; `None` for arrays and objects, which rules cannot
     /// address.
     pub fn from_json(value: &Json<'_>) -> Option<PropValue> {
-        Some(match value {
-            Json::Null => PropValue::Null,
-            Json::Bool(b) => PropValue::Bool(*b),
-            Json::Num(n) => PropValue::Num(n.as_f64()),
-            Json::Str(s) => PropValue::Str(Text::from(&**s)),
-            Json::Array(_) | Json::Object(_) => return None,
-        })
+        match value {
+            Json::Array(_) | Json::Object(_) => None,
+            // A scalar is cheap to copy: its text, if any, nearly always borrows from the
+            // payload (only text with escapes is owned).
+            scalar => PropValue::from_json_owned(scalar.clone()).ok(),
+        }
     }
 
     /// Like [`from_json`](Self::from_json), taking the value: an array or an object is
