@@ -80,13 +80,15 @@ pub fn lookup<'a>(props: &'a Props, key: &str) -> Option<&'a PropValue> {
     props.iter().find(|(k, _)| &**k == key).map(|(_, v)| v)
 }
 
-/// Sets `key` in a [`Props`] list: the latest value wins. Copies only when the value
-/// changed: context and traits repeat on most events.
-pub fn upsert(props: &mut Props, key: &str, value: &PropValue) {
-    match props.iter_mut().find(|(k, _)| &**k == key) {
-        Some(slot) if slot.1 == *value => {}
-        Some(slot) => slot.1 = value.clone(),
-        None => props.push((key.into(), value.clone())),
+/// Sets `key` in a [`Props`] list, in one pass over it: a key already there takes `value`
+/// when `replace` (copied only when it changed: context and traits repeat on most events);
+/// a new key is added while the list holds fewer than `max_keys`.
+pub fn upsert(props: &mut Props, key: &str, value: &PropValue, replace: bool, max_keys: usize) {
+    match props.iter().position(|(k, _)| &**k == key) {
+        Some(at) if replace && props[at].1 != *value => props[at].1 = value.clone(),
+        Some(_) => {}
+        None if props.len() < max_keys => props.push((key.into(), value.clone())),
+        None => {}
     }
 }
 

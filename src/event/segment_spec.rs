@@ -150,7 +150,8 @@ fn flat_context(context: Option<&Object<'_>>) -> Result<Props, InvalidEvent> {
     flat.retain(|(key, _)| !matches!(&**key, "userAgent" | "sessionId"));
     let mut put = |key: &str, value: Option<&str>| {
         if let Some(value) = value {
-            super::upsert(&mut flat, key, &super::PropValue::Str(value.into()));
+            let value = super::PropValue::Str(value.into());
+            super::upsert(&mut flat, key, &value, true, usize::MAX);
         }
     };
     put("user_agent", opt_str(context, "userAgent")?);

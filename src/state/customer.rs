@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::recent::{RECENT_EVENT_IDS, RecentKeys};
 use super::slots::SlotState;
-use crate::event::{Event, Item, Props, Text, lookup};
+use crate::event::{Event, Item, Props, Text, lookup, upsert};
 use crate::time::{Millis, format_timestamp};
 
 /// The bits of an event's dedup key a customer keeps: 49, the most a 7-byte varint holds
@@ -379,15 +379,9 @@ impl CustomerState {
 /// Sets a trait or context key, ignoring new keys once [`MAX_PROPS`] are kept.
 /// Keeps `key = value`: replacing an older value when `newer` (the event is the latest of
 /// its kind), otherwise only filling a key not yet known — an out-of-order event does not
-/// overwrite what a later one said. One pass over the kept keys, and a copy only when the
-/// value changed: context and traits repeat on most events.
+/// overwrite what a later one said.
 fn remember(props: &mut Props, key: &str, value: &crate::event::PropValue, newer: bool) {
-    match props.iter().position(|(k, _)| &**k == key) {
-        Some(at) if newer && props[at].1 != *value => props[at].1 = value.clone(),
-        Some(_) => {}
-        None if props.len() < MAX_PROPS => props.push((key.into(), value.clone())),
-        None => {}
-    }
+    upsert(props, key, value, newer, MAX_PROPS);
 }
 
 /// The product line an `add_to_cart` / `remove_from_cart` event names.
