@@ -11,11 +11,12 @@
 //! 2. **Latency at a fixed rate**: with segmentd caught up, live events (generated
 //!    beforehand, each with the event time it is sent at) are produced at `--rate` for
 //!    `--live` (the producer batches for up to `--client-wait-ms`, 5 by default,
-//!    librdkafka's default); a consumer reads the output topic. Latency is an output change's arrival at that
-//!    consumer minus the moment its causing event was handed to the producer (one clock,
-//!    one process), also split at the change's `emitted_at` (segmentd's clock, same
-//!    machine): event to change made (input client, broker, segmentd's consumer and
-//!    engine), and change made to arrival (segmentd's producer, broker, harness consumer).
+//!    librdkafka's default); a consumer reads the output topic (its fetches held as long).
+//!    Latency is an output change's arrival at that consumer minus the moment its
+//!    causing event was handed to the producer (one clock, one process), also split at
+//!    the change's `emitted_at` (segmentd's clock, same machine): event to change made
+//!    (input client, broker, segmentd's consumer and engine), and change made to arrival
+//!    (segmentd's producer, broker, harness consumer).
 //!    Timer-caused changes report how long after the watermark passed their deadline they
 //!    arrived (the watermark trails live event time by `time.allowed_lateness`).
 //! 3. **Latency at saturation**: the same, offered at the throughput phase 1 measured.

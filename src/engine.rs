@@ -218,21 +218,23 @@ impl Engine {
             &rules.eval_plan[usize::from(type_id)]
         };
         self.evaluate(&event.customer_id, state, plan, now, &cause, out);
-        let moved = &rules.deadline_plan[usize::from(type_id)];
-        match state.timer_segment.0 {
-            _ if first_event => self.reset_timer(state, now),
-            _ if moved.is_empty() => {}
-            // The timer is another segment's next change, and the earliest of those the
-            // event did not touch: only the touched ones can bring it forward.
-            Some(segment) if !moved.contains(&segment) => {
-                if let Some((at, segment)) = self.next_deadline_of(moved, state, now)
-                    && state.timer.is_none_or(|timer| at < timer)
-                {
-                    state.timer = Some(at);
-                    state.timer_segment = TimerSegment(Some(segment));
+        let touched = &rules.deadline_plan[usize::from(type_id)];
+        if first_event {
+            self.reset_timer(state, now);
+        } else if !touched.is_empty() {
+            match state.timer_segment.0 {
+                // The timer is the next change of a segment the event did not touch, and
+                // the earliest of those: only the touched ones can bring it forward.
+                Some(segment) if !touched.contains(&segment) => {
+                    if let Some((at, segment)) = self.next_deadline_of(touched, state, now)
+                        && state.timer.is_none_or(|timer| at < timer)
+                    {
+                        state.timer = Some(at);
+                        state.timer_segment = TimerSegment(Some(segment));
+                    }
                 }
+                _ => self.reset_timer(state, now),
             }
-            _ => self.reset_timer(state, now),
         }
         Outcome::Applied {
             event_type: type_id,

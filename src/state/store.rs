@@ -310,6 +310,7 @@ impl CustomerStore {
 
     /// Puts `stored` in the map; returns the state it replaced.
     fn replace(&self, id: Box<str>, stored: Stored) -> Option<CustomerState> {
+        // Through `String`: a long id keeps its heap block, a short one moves inline.
         let previous = self.map.insert(Text::from(String::from(id)), stored)?;
         Some(match previous {
             Stored::Active(active) => active.state,
