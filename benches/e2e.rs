@@ -16,7 +16,10 @@
 //!    causing event was handed to the producer (one clock, one process), also split at
 //!    the change's `emitted_at` (segmentd's clock, same machine): event to change made
 //!    (input client, broker, segmentd's consumer and engine), and change made to arrival
-//!    (segmentd's producer, broker, harness consumer).
+//!    (segmentd's producer, broker, harness consumer); and by the quarter of the phase
+//!    its event was sent in (Tansu's in-memory engine lists every batch a partition
+//!    holds on each fetch, so its cost, and latency with it, grow through a phase),
+//!    with segmentd's and the broker's CPU while sending.
 //!    Timer-caused changes report how long after the watermark passed their deadline they
 //!    arrived (the watermark trails live event time by `time.allowed_lateness`).
 //! 3. **Latency at saturation**: the same, offered at the throughput phase 1 measured.
@@ -184,13 +187,13 @@ fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
         &config.kafka.output_topic,
         args.client_wait_ms,
     )?;
-    let fixed = live_phase(broker, &input, &output, 2, args, args.rate, lateness)?;
+    let fixed = live_phase(broker, &service, config, &output, 2, args, args.rate)?;
     fixed.print(&format!("at {} events/s", args.rate), lateness);
     if !args.no_saturation {
         // Offered at the throughput just measured: the most it carries, not more (a rate
         // above it only grows a backlog, and the latency with it, without bound).
         let capacity = (drained.events as f64 / drained.seconds) as u32;
-        let saturated = live_phase(broker, &input, &output, 3, args, capacity, lateness)?;
+        let saturated = live_phase(broker, &service, config, &output, 3, args, capacity)?;
         saturated.print(&format!("at saturation ({capacity} events/s)"), lateness);
     }
     let (rss, peak) = memory_kib(service.child.0.id())?;
@@ -316,6 +319,13 @@ struct LivePhase {
     timer_delays: Vec<i64>,
     /// Changes caused by events produced before the phase (not measured).
     unmatched: usize,
+    /// Event → change latencies by the quarter of the phase their event was sent in,
+    /// microseconds, each sorted: a latency that grows through the phase is a cost that
+    /// grows with what the broker holds, not with the rate.
+    by_quarter: [Vec<i64>; 4],
+    /// CPU seconds of segmentd and of the broker while the phase's events were sent.
+    segmentd_cpu: f64,
+    broker_cpu: f64,
 }
 
 impl LivePhase {
@@ -339,6 +349,18 @@ impl LivePhase {
             ms(percentile(&self.to_emitted, 0.99)),
             ms(percentile(&self.emitted_to_arrived, 0.50)),
             ms(percentile(&self.emitted_to_arrived, 0.99)),
+        );
+        let quarters: Vec<String> = self
+            .by_quarter
+            .iter()
+            .map(|q| format!("{}/{}", ms(percentile(q, 0.50)), ms(percentile(q, 0.99))))
+            .collect();
+        println!(
+            "  by quarter of the phase, p50/p99 (ms): {}; CPU segmentd {:.2} cores, broker \
+             {:.2} cores",
+            quarters.join(" "),
+            self.segmentd_cpu / self.seconds,
+            self.broker_cpu / self.seconds,
         );
         println!(
             "timers {label}: {} fired; after the watermark passed the deadline \
@@ -370,18 +392,23 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// Produces live events at `rate` for `args.live`, then waits for
-/// the output to go quiet and matches changes to their events. A timer's watermark passes
-/// its deadline `lateness_ms` after it (in live event time).
+/// Produces live events at `rate` for `args.live` to the first input topic, then waits
+/// for the output to go quiet and matches changes to their events. A timer's watermark
+/// passes its deadline `time.allowed_lateness` after it (in live event time). Measures
+/// segmentd's and the broker's CPU while sending.
 fn live_phase(
     broker: &Broker,
-    input: &str,
+    service: &Service,
+    config: &Config,
     output: &OutputReader,
     seed: u64,
     args: &Args,
     rate: u32,
-    lateness_ms: i64,
 ) -> anyhow::Result<LivePhase> {
+    let (input, lateness_ms) = (
+        &config.kafka.input_topics[0],
+        config.time.allowed_lateness.millis(),
+    );
     output.take();
     // Generated before the clock starts, each stamped with the instant it is due to be
     // sent, so that generating does not compete with segmentd for the CPU.
@@ -398,6 +425,8 @@ fn live_phase(
         std::thread::sleep(Duration::from_millis(1));
     }
     let phase_start = wall_clock_now();
+    let (first_sent, pids) = (now_micros(), [service.child.0.id(), broker.child.0.id()]);
+    let cpu_before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
     let started = Instant::now();
     let mut sent_at = Vec::with_capacity(events.len());
     for (i, event) in events.iter().enumerate() {
@@ -418,6 +447,8 @@ fn live_phase(
         .filter_map(|(event, at)| Some((event_id(&event.payload)?, at)))
         .collect();
     let seconds = started.elapsed().as_secs_f64();
+    let segmentd_cpu = cpu_seconds(pids[0])? - cpu_before[0];
+    let broker_cpu = cpu_seconds(pids[1])? - cpu_before[1];
     ensure!(sink.finish()? == 0, "the broker refused live events");
     output.wait_quiet(Duration::from_secs(3), Duration::from_secs(120));
 
@@ -426,11 +457,15 @@ fn live_phase(
     let mut emitted_to_arrived = Vec::new();
     let mut timer_delays = Vec::new();
     let mut unmatched = 0;
+    let mut by_quarter: [Vec<i64>; 4] = Default::default();
+    let quarter_micros = (seconds * 250_000.0).max(1.0) as i64;
     for change in output.take() {
         match change.cause {
             Cause::Event(id) => match sent.get(&*id) {
                 Some(at) => {
                     latencies.push(change.arrived - at);
+                    let quarter = ((at - first_sent) / quarter_micros).clamp(0, 3) as usize;
+                    by_quarter[quarter].push(change.arrived - at);
                     if let Some(emitted) = change.emitted {
                         to_emitted.push(emitted - at);
                         emitted_to_arrived.push(change.arrived - emitted);
@@ -448,6 +483,7 @@ fn live_phase(
     to_emitted.sort_unstable();
     emitted_to_arrived.sort_unstable();
     timer_delays.sort_unstable();
+    by_quarter.iter_mut().for_each(|q| q.sort_unstable());
     Ok(LivePhase {
         offered,
         seconds,
@@ -456,6 +492,9 @@ fn live_phase(
         emitted_to_arrived,
         timer_delays,
         unmatched,
+        by_quarter,
+        segmentd_cpu,
+        broker_cpu,
     })
 }
 
