@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the pure engine on generated traffic with the reference rules:
 //! parsing each input format, the whole per-event path (parse, state, rules, deadlines)
-//! with the reference rules and with 1 to 1,000 generated ones,
+//! with the reference rules and with 1 to 1,000 generated ones, its state update and its
+//! rule evaluation alone,
 //! the timer wheel's cost against the number of timers pending, and restoring state.
 //! Run: `cargo bench --bench engine`. Results and machine in BENCHMARKS.md.
 
@@ -10,11 +11,12 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use segmentd::config::Config;
 use segmentd::engine::Engine;
-use segmentd::event::parse_event;
+use segmentd::event::{Event, parse_event};
 use segmentd::generate::{Format, Generator, GeneratorConfig, rules_toml};
 use segmentd::ingest::restore::Loader;
+use segmentd::rules::eval::{Scope, eval};
 use segmentd::state::codec::{Snapshot, encode};
-use segmentd::state::new_store;
+use segmentd::state::{CustomerState, new_store};
 use segmentd::time::wheel::TimerWheel;
 
 /// The binary's allocator, so the benches measure what runs.
@@ -45,13 +47,20 @@ fn generated(format: Format, count: usize) -> Vec<Vec<u8>> {
 }
 
 fn reference_engine() -> Engine {
-    let text = std::fs::read_to_string("config/segmentd.toml").expect("run from the crate root");
-    engine_for(&text)
+    engine_for(&reference_text())
+}
+
+fn reference_text() -> String {
+    std::fs::read_to_string("config/segmentd.toml").expect("run from the crate root")
+}
+
+fn config_of(text: &str) -> Config {
+    Config::from_toml_only(text, "bench").expect("the config parses")
 }
 
 /// An empty engine with the rules of a config text.
 fn engine_for(text: &str) -> Engine {
-    let config = Config::from_toml_only(text, "bench").expect("the config parses");
+    let config = config_of(text);
     Engine::new(
         Arc::new(config.rule_set().expect("the rules compile")),
         new_store(),
@@ -127,6 +136,80 @@ fn per_event_path(c: &mut Criterion) {
             |engine| parse_and_apply(engine, timed),
             criterion::BatchSize::LargeInput,
         )
+    });
+    group.finish();
+}
+
+/// The two halves of the per-event path alone, on the warm per-event bench's customers:
+/// updating state (no rule evaluated), and evaluating rules (no state changed).
+fn state_and_rules(c: &mut Criterion) {
+    let all = generated(Format::Native, HISTORY + EVENTS);
+    let (history, timed) = all.split_at(HISTORY);
+    let events: Vec<Event> = timed
+        .iter()
+        .map(|message| parse_event(message, 1 << 16).expect("generated events parse"))
+        .collect();
+    let mut group = c.benchmark_group("state");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.sample_size(20);
+    // Each event's customer found in the store, its id remembered (deduplication), its
+    // built-in state and the rules' aggregate slots updated.
+    group.bench_function("update_reference_rules_warm", |b| {
+        b.iter_batched(
+            || parse_and_apply(reference_engine(), history),
+            |engine| {
+                for event in &events {
+                    let type_id = engine.rules().types.id_of(&event.event_type);
+                    let mut state = engine.store().get_or_default(&event.customer_id);
+                    if !state.check_and_remember(event.dedup_key) {
+                        let now = event.ts.max(state.clock);
+                        engine.update_state(&mut state, event, type_id, now);
+                    }
+                }
+                engine
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+
+    // Every reference segment's current rule (the exit rule for a member, if it has one,
+    // else the entry rule) against the customers' states after all the events, at each
+    // state's own clock. Throughput counts rule evaluations.
+    let engine = parse_and_apply(reference_engine(), &all);
+    let mut ids: Vec<&str> = events.iter().map(|e| &*e.customer_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let states: Vec<CustomerState> = ids
+        .iter()
+        .filter_map(|id| Some(engine.store().get_mut(id)?.clone()))
+        .collect();
+    let rules = engine.rules().clone();
+    let session_gap = config_of(&reference_text()).time.session_gap.millis();
+    let mut group = c.benchmark_group("rules");
+    group.throughput(Throughput::Elements(
+        (states.len() * rules.segments.len()) as u64,
+    ));
+    group.bench_function("evaluate_reference_rules", |b| {
+        b.iter(|| {
+            let mut holding = 0;
+            for state in &states {
+                let scope = Scope::Customer {
+                    state,
+                    now: state.clock,
+                    session_gap,
+                };
+                for (index, segment) in rules.segments.iter().enumerate() {
+                    let member = state
+                        .segments
+                        .iter()
+                        .any(|m| usize::from(m.segment) == index);
+                    let rule = &segment.rule_for(member).node;
+                    holding += usize::from(eval(rule, scope, &rules.slots).is_true());
+                }
+            }
+            black_box(holding)
+        })
     });
     group.finish();
 }
@@ -276,6 +359,7 @@ criterion_group!(
     benches,
     parsing,
     per_event_path,
+    state_and_rules,
     rule_count,
     timers,
     restore

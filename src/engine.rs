@@ -190,23 +190,7 @@ impl Engine {
         };
         state.clock = now;
         state.partition = event.partition;
-        state.apply_builtin(event, self.session_gap);
-        if state.slots.len() < rules.slots.len() {
-            state.slots.resize(rules.slots.len(), SlotState::Empty);
-        }
-        for &index in &rules.slot_plan[usize::from(type_id)] {
-            let spec = &rules.slots[usize::from(index)];
-            if spec.event_type == type_id && !passes(spec.filter.as_ref(), event, &rules.slots) {
-                continue;
-            }
-            feed_slot(
-                spec,
-                type_id,
-                &mut state.slots[usize::from(index)],
-                event,
-                now,
-            );
-        }
+        self.update_state(state, event, type_id, now);
         // Built only if something changes: most events change nothing.
         let cause = || Cause::Event {
             event_id: event.event_id.clone(),
@@ -244,6 +228,37 @@ impl Engine {
                 TimerUpdate::Set(state.timer)
             },
             timers_fired,
+        }
+    }
+
+    /// Brings `state` up to date with `event` (of type id `type_id`, applied at `now`): the
+    /// built-in state and the aggregate slots the rules keep. No rule is evaluated: this
+    /// is the state half of [`Engine::apply`], public so that the benches can time it
+    /// alone.
+    pub fn update_state(
+        &self,
+        state: &mut CustomerState,
+        event: &Event,
+        type_id: u16,
+        now: Millis,
+    ) {
+        let rules = &*self.rules;
+        state.apply_builtin(event, self.session_gap);
+        if state.slots.len() < rules.slots.len() {
+            state.slots.resize(rules.slots.len(), SlotState::Empty);
+        }
+        for &index in &rules.slot_plan[usize::from(type_id)] {
+            let spec = &rules.slots[usize::from(index)];
+            if spec.event_type == type_id && !passes(spec.filter.as_ref(), event, &rules.slots) {
+                continue;
+            }
+            feed_slot(
+                spec,
+                type_id,
+                &mut state.slots[usize::from(index)],
+                event,
+                now,
+            );
         }
     }
 
