@@ -27,10 +27,10 @@
 //! Encoding a partition's changed customers takes milliseconds per thousand (at 50,000
 //! events/s, ≈ 8,000 customers and 30 ms per partition per second), and the consume loop
 //! would stand still meanwhile. So the loop's own checkpoints only *freeze* the changed
-//! customers (their ids, the positions) and a blocking task encodes them; a customer
-//! written to before that task reaches it is encoded first, by the store's write hook,
-//! under the customer's lock — so every record holds the state as it was at the
-//! checkpoint. A checkpoint is sent only once all of its customers are encoded. The
+//! customers (their ids, the positions) and a thread of lower CPU priority encodes them;
+//! a customer written to before that thread reaches it is encoded first, by the store's
+//! write hook, under the customer's lock — so every record holds the state as it was at
+//! the checkpoint. A checkpoint is sent only once all of its customers are encoded. The
 //! checkpoints of revocations, transactions and shutdown are encoded at once (after any
 //! frozen ones of their partitions).
 //!
@@ -40,7 +40,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -129,6 +129,9 @@ pub struct Changelog {
     frozen_count: Arc<AtomicUsize>,
     /// The engine whose customers it encodes.
     engine: Engine,
+    /// Wakes the encoder thread (see `start_encoder`); `None` if it could not start.
+    /// Dropping the changelog drops it, which ends the thread.
+    encoder: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 impl Changelog {
@@ -149,6 +152,7 @@ impl Changelog {
             frozen: Mutex::default(),
             frozen_count: Arc::default(),
             engine: engine.clone(),
+            encoder: Mutex::default(),
         });
         // Every event passes the hook: with nothing frozen it reads one counter, without
         // reaching the changelog.
@@ -163,7 +167,32 @@ impl Changelog {
                     changelog.unfreeze(id, Some(state));
                 }
             }));
+        if let Err(err) = changelog.start_encoder() {
+            tracing::warn!(error = %err, "Could not start the changelog encoder thread: checkpoints are encoded on the consume loop.");
+        }
         changelog
+    }
+
+    /// Starts the thread (`changelog-enc`) that encodes deferred checkpoints' frozen
+    /// customers, at a lower CPU priority than the consume loop: the copies are not urgent
+    /// (a customer written to first is encoded by the loop's write hook, and the next
+    /// checkpoint encodes the rest), so on busy cores the loop and the clients' threads
+    /// run first.
+    fn start_encoder(self: &Arc<Self>) -> std::io::Result<()> {
+        let (wake, woken) = mpsc::channel::<()>();
+        let changelog = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("changelog-enc".into())
+            .spawn(move || {
+                lower_priority();
+                while woken.recv().is_ok() {
+                    // Wake-ups that came meanwhile are served by this round.
+                    while woken.try_recv().is_ok() {}
+                    encode_in_background(&changelog);
+                }
+            })?;
+        *self.encoder.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake);
+        Ok(())
     }
 
     /// The topic.
@@ -180,8 +209,8 @@ impl Changelog {
     /// each of their input partitions; in event-time order, the last before the first
     /// event still held). Called where no event is being applied (the consume loop, or
     /// the rebalance callback, which blocks it). `deferred`: the customers are frozen and
-    /// encoded by a blocking task (see the module documentation); else encoded now, after
-    /// any customers of these partitions still frozen.
+    /// encoded by the encoder thread (see the module documentation); else encoded now,
+    /// after any customers of these partitions still frozen.
     pub fn checkpoint(
         self: &Arc<Self>,
         numbers: &[i32],
@@ -266,9 +295,10 @@ impl Changelog {
             froze = true;
         }
         drop(partitions);
-        if froze {
-            let changelog = Arc::downgrade(self);
-            tokio::task::spawn_blocking(move || encode_in_background(&changelog));
+        if froze && let Some(wake) = &*self.encoder.lock().unwrap_or_else(|p| p.into_inner()) {
+            // Sending fails only if the thread is gone; the loop's hook and the next
+            // checkpoint then encode them.
+            let _ = wake.send(());
         }
     }
 
@@ -534,6 +564,23 @@ fn encode_in_background(changelog: &Weak<Changelog>) {
     }
 }
 
+/// Lowers the calling thread's CPU priority (nice 10; on Linux, nice is per thread).
+/// Best effort: where it fails, the thread runs at the process's priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid and setpriority take and return plain integers; no memory is
+        // shared with the kernel.
+        let result = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10)
+        };
+        if result != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "Could not lower the changelog encoder's priority.");
+        }
+    }
+}
+
 /// The changelog key of the rules dictionary with `fingerprint`.
 pub fn dictionary_key(fingerprint: u64) -> String {
     format!("{DICTIONARY_PREFIX}{fingerprint:016x}")
@@ -616,12 +663,58 @@ mod tests {
             .collect()
     }
 
+    /// A deferred checkpoint is encoded by the encoder thread alone, with no write to
+    /// its customers and no later checkpoint, and that thread runs at nice 10 or lower
+    /// priority (Linux: `/proc/self/task/*/stat`).
+    #[test]
+    fn the_encoder_thread_encodes_deferred_checkpoints_at_a_lower_priority() {
+        let customers: Vec<String> = (0..500).map(|i| format!("c-{i}")).collect();
+        let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
+        let rules = RuleSet::compile(&[SegmentDef::new("seen", "count(page_view) >= 1")]).unwrap();
+        let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
+        let changelog = Changelog::new("changelog", &engine);
+        let partitions: Partitions = Arc::default();
+        page_views(&engine, &partitions, &customers, 1_000);
+        changelog.checkpoint(&[0], &partitions, &OffsetTracker::new(), true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let recorded = loop {
+            let recorded = recorded_events(&changelog);
+            if !recorded.is_empty() || Instant::now() > deadline {
+                break recorded;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(
+            recorded.len(),
+            1,
+            "the checkpoint was not encoded within 10 s"
+        );
+        assert_eq!(recorded[0].len(), customers.len());
+
+        #[cfg(target_os = "linux")]
+        {
+            let niceness: Vec<i64> = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|task| {
+                    let path = task.ok()?.path();
+                    let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                    let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                    // Field 19 is the nice value; fields after the `)` closing the name.
+                    let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?;
+                    (comm.trim() == "changelog-enc").then(|| nice.parse().ok())?
+                })
+                .collect();
+            assert!(!niceness.is_empty(), "no encoder thread found");
+            assert!(niceness.iter().all(|&n| n >= 10), "{niceness:?}");
+        }
+    }
+
     /// Deferred checkpoints' records hold each customer as it was at its checkpoint,
     /// whether the background copy or the write hook (a customer written to first)
     /// encoded it — also when the next checkpoint comes before the copy is done; a
     /// checkpoint goes out only once all its customers are encoded.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn deferred_checkpoints_record_their_customers_as_they_were_at_them() {
+    #[test]
+    fn deferred_checkpoints_record_their_customers_as_they_were_at_them() {
         let customers: Vec<String> = (0..2_000).map(|i| format!("c-{i}")).collect();
         let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
         let mut reversed = customers.clone();
