@@ -401,16 +401,25 @@ impl CustomerStore {
         }
         let mut sweep = Sweep::default();
         for id in unused {
+            // Encoded and packed outside the map's lock, which covers a whole shard (the
+            // consume loop would wait on it): from a copy taken under it, swapped in only
+            // if the customer is still unused — then nothing wrote to it since its mark
+            // was cleared, and the copy is what the store holds.
+            let Some(copy) = self.map.get(&id).and_then(|entry| match entry.value() {
+                Stored::Active(active) if !active.used => Some(active.state.clone()),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let bytes = encode_idle(&copy);
+            let packed = latest.and_then(|(number, p)| pack_idle(dictionaries, p, number, &bytes));
             if let Some(mut entry) = self.map.get_mut(&id)
                 && let Stored::Active(active) = entry.value()
                 && !active.used
             {
-                let bytes = encode_idle(&active.state);
                 if sampling && samples.len() < pack::MAX_SAMPLES {
                     samples.push(unpacked_state(&bytes).to_vec());
                 }
-                let packed =
-                    latest.and_then(|(number, p)| pack_idle(dictionaries, p, number, &bytes));
                 sweep.packed += usize::from(packed.is_some());
                 *entry.value_mut() = Stored::Idle(packed.unwrap_or(bytes));
                 sweep.encoded += 1;
