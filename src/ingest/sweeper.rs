@@ -2,8 +2,8 @@
 //! `state.idle_after`, so that customers without an event or a timer for that long are
 //! held encoded, and compressed once the store has a dictionary (see
 //! [`crate::state::store`]). A sweep takes the map's locks one shard
-//! (to clear marks) or one customer (to encode it) at a time, so the consume loop goes on
-//! beside it.
+//! (to clear marks) or one customer (to copy it, or to swap its encoding in) at a time,
+//! and encodes outside them, so the consume loop goes on beside it.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};

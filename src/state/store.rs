@@ -10,8 +10,9 @@
 //! reference rules). Its next event or timer decodes it back (about a microsecond) and
 //! it is *active* again. The sweep is a second-chance scan: the first pass over an
 //! active customer clears its `used` mark, the next one finds it unmarked and encodes it.
-//! Encoding takes the map's lock of one customer at a time, so the consume loop never
-//! waits for more than one encoding.
+//! A customer is encoded from a copy, outside the map's locks (each covers a whole shard
+//! of the map), and the encoding swapped in only if the customer is still unused, so the
+//! consume loop waits at most for a copy.
 //!
 //! Once a sweep has seen enough idle encodings it trains a compression dictionary on them
 //! ([`pack`](super::pack)); from then on sweeps keep idle customers *packed* (about half
@@ -369,8 +370,8 @@ impl CustomerStore {
     /// Safe to run beside the engine (another thread).
     pub fn compact_idle(&self) -> Sweep {
         // Marks are cleared shard by shard; unmarked customers and idle ones not packed
-        // with the latest dictionary are collected, then each encoded or repacked under its
-        // own lock, if still idle or unused by then.
+        // with the latest dictionary are collected, then each encoded (from a copy, outside
+        // the lock) or repacked (under it), if still unused or idle by then.
         let mut unused = Vec::new();
         let mut stale = Vec::new();
         let mut samples = Vec::new();
