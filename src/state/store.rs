@@ -363,6 +363,29 @@ impl CustomerStore {
         before - self.map.len()
     }
 
+    /// A copy of customer `id`, if it is active and unused since its mark was cleared:
+    /// what a sweep encodes, outside the map's lock.
+    fn unused_copy(&self, id: &str) -> Option<CustomerState> {
+        match self.map.get(id)?.value() {
+            Stored::Active(active) if !active.used => Some(active.state.clone()),
+            _ => None,
+        }
+    }
+
+    /// Puts `idle` (the encoding of an [`unused_copy`](Self::unused_copy)) in place of
+    /// customer `id` if it is still active and unused — then nothing wrote to it since
+    /// the copy, which is what the store holds. Returns whether it did.
+    fn idle_if_unused(&self, id: &str, idle: Box<[u8]>) -> bool {
+        let Some(mut entry) = self.map.get_mut(id) else {
+            return false;
+        };
+        if !matches!(entry.value(), Stored::Active(active) if !active.used) {
+            return false;
+        }
+        *entry.value_mut() = Stored::Idle(idle);
+        true
+    }
+
     /// One sweep: customers unused since the previous sweep are encoded (idle), the
     /// others' marks cleared; with a dictionary, idle customers are packed (or repacked,
     /// if an older dictionary packed them) with the latest, and while a dictionary is still
@@ -403,26 +426,18 @@ impl CustomerStore {
         let mut sweep = Sweep::default();
         for id in unused {
             // Encoded and packed outside the map's lock, which covers a whole shard (the
-            // consume loop would wait on it): from a copy taken under it, swapped in only
-            // if the customer is still unused — then nothing wrote to it since its mark
-            // was cleared, and the copy is what the store holds.
-            let Some(copy) = self.map.get(&id).and_then(|entry| match entry.value() {
-                Stored::Active(active) if !active.used => Some(active.state.clone()),
-                _ => None,
-            }) else {
+            // consume loop would wait on it).
+            let Some(copy) = self.unused_copy(&id) else {
                 continue;
             };
             let bytes = encode_idle(&copy);
+            let sample = (sampling && samples.len() < pack::MAX_SAMPLES)
+                .then(|| unpacked_state(&bytes).to_vec());
             let packed = latest.and_then(|(number, p)| pack_idle(dictionaries, p, number, &bytes));
-            if let Some(mut entry) = self.map.get_mut(&id)
-                && let Stored::Active(active) = entry.value()
-                && !active.used
-            {
-                if sampling && samples.len() < pack::MAX_SAMPLES {
-                    samples.push(unpacked_state(&bytes).to_vec());
-                }
-                sweep.packed += usize::from(packed.is_some());
-                *entry.value_mut() = Stored::Idle(packed.unwrap_or(bytes));
+            let was_packed = packed.is_some();
+            if self.idle_if_unused(&id, packed.unwrap_or(bytes)) {
+                samples.extend(sample);
+                sweep.packed += usize::from(was_packed);
                 sweep.encoded += 1;
             }
         }
@@ -486,6 +501,25 @@ mod tests {
         assert_eq!(*woken, state(2, 5));
         drop(woken);
         assert!(matches!(*store.map.get("a").unwrap(), Stored::Active(_)));
+    }
+
+    /// A customer written to while a sweep encodes its copy stays active, with the write:
+    /// the encoding is swapped in only if nothing used the customer since the copy.
+    #[test]
+    fn a_write_while_a_sweep_encodes_keeps_the_customer_active() {
+        let store = CustomerStore::new();
+        store.insert("a".into(), state(2, 5));
+        store.compact_idle(); // clears the mark
+        let copy = store.unused_copy("a").expect("unused since the sweep");
+        store.get_mut("a").unwrap().customer.events += 1; // the consume loop, meanwhile
+        assert!(!store.idle_if_unused("a", encode_idle(&copy)));
+        assert!(matches!(*store.map.get("a").unwrap(), Stored::Active(_)));
+        assert_eq!(store.read("a", |s| s.customer.events), Some(6));
+
+        // Unused from then on: the next two sweeps make it idle, with the write.
+        store.compact_idle();
+        assert_eq!(store.compact_idle().encoded, 1);
+        assert_eq!(store.read("a", |s| s.customer.events), Some(6));
     }
 
     #[test]
