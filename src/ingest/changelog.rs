@@ -129,9 +129,9 @@ pub struct Changelog {
     frozen_count: Arc<AtomicUsize>,
     /// The engine whose customers it encodes.
     engine: Engine,
-    /// Wakes the encoder thread (see `start_encoder`); `None` if it could not start.
+    /// Wakes the encoder thread ([`start_encoder`]); `None` if it could not start.
     /// Dropping the changelog drops it, which ends the thread.
-    encoder: Mutex<Option<mpsc::Sender<()>>>,
+    encoder: Option<mpsc::Sender<()>>,
 }
 
 impl Changelog {
@@ -139,7 +139,7 @@ impl Changelog {
     /// store to encode frozen customers before they change.
     pub fn new(topic: &str, engine: &Engine) -> Arc<Self> {
         let rules = engine.rules();
-        let changelog = Arc::new(Changelog {
+        let changelog = Arc::new_cyclic(|changelog| Changelog {
             topic: topic.into(),
             fingerprint: rules.fingerprint,
             dictionary: (
@@ -152,7 +152,7 @@ impl Changelog {
             frozen: Mutex::default(),
             frozen_count: Arc::default(),
             engine: engine.clone(),
-            encoder: Mutex::default(),
+            encoder: start_encoder(changelog.clone()),
         });
         // Every event passes the hook: with nothing frozen it reads one counter, without
         // reaching the changelog.
@@ -167,32 +167,7 @@ impl Changelog {
                     changelog.unfreeze(id, Some(state));
                 }
             }));
-        if let Err(err) = changelog.start_encoder() {
-            tracing::warn!(error = %err, "Could not start the changelog encoder thread: checkpoints are encoded on the consume loop.");
-        }
         changelog
-    }
-
-    /// Starts the thread (`changelog-enc`) that encodes deferred checkpoints' frozen
-    /// customers, at a lower CPU priority than the consume loop: the copies are not urgent
-    /// (a customer written to first is encoded by the loop's write hook, and the next
-    /// checkpoint encodes the rest), so on busy cores the loop and the clients' threads
-    /// run first.
-    fn start_encoder(self: &Arc<Self>) -> std::io::Result<()> {
-        let (wake, woken) = mpsc::channel::<()>();
-        let changelog = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("changelog-enc".into())
-            .spawn(move || {
-                lower_priority();
-                while woken.recv().is_ok() {
-                    // Wake-ups that came meanwhile are served by this round.
-                    while woken.try_recv().is_ok() {}
-                    encode_in_background(&changelog);
-                }
-            })?;
-        *self.encoder.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake);
-        Ok(())
     }
 
     /// The topic.
@@ -295,7 +270,7 @@ impl Changelog {
             froze = true;
         }
         drop(partitions);
-        if froze && let Some(wake) = &*self.encoder.lock().unwrap_or_else(|p| p.into_inner()) {
+        if froze && let Some(wake) = &self.encoder {
             // Sending fails only if the thread is gone; the loop's hook and the next
             // checkpoint then encode them.
             let _ = wake.send(());
@@ -560,6 +535,33 @@ fn encode_in_background(changelog: &Weak<Changelog>) {
         }
         for customer in batch {
             changelog.encode_one(&customer);
+        }
+    }
+}
+
+/// Starts the thread (`changelog-enc`) that encodes deferred checkpoints' frozen
+/// customers of `changelog`, at a lower CPU priority than the consume loop: the copies
+/// are not urgent (a customer written to first is encoded by the loop's write hook, and
+/// the next checkpoint encodes the rest), so on busy cores the loop and the clients'
+/// threads run first. Returns what wakes it, or `None` if no thread could be started
+/// (checkpoints are then encoded on the consume loop).
+fn start_encoder(changelog: Weak<Changelog>) -> Option<mpsc::Sender<()>> {
+    let (wake, woken) = mpsc::channel::<()>();
+    let started = std::thread::Builder::new()
+        .name("changelog-enc".into())
+        .spawn(move || {
+            lower_priority();
+            while woken.recv().is_ok() {
+                // Wake-ups that came meanwhile are served by this round.
+                while woken.try_recv().is_ok() {}
+                encode_in_background(&changelog);
+            }
+        });
+    match started {
+        Ok(_) => Some(wake),
+        Err(err) => {
+            tracing::warn!(error = %err, "Could not start the changelog encoder thread: checkpoints are encoded on the consume loop.");
+            None
         }
     }
 }
