@@ -16,7 +16,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 
 use super::Partitions;
-use super::changelog::{Changelog, TIMER_TOPIC, send_blocking};
+use super::changelog::{Changelog, TIMER_TOPIC};
 use super::delivery::Acknowledger;
 use super::offsets::{OffsetTracker, PartitionKey};
 use super::restore::{Readiness, Restorer};
@@ -277,22 +277,19 @@ impl IngestContext {
         durable: &Durable,
         numbers: &[i32],
     ) -> bool {
-        let Some(producer) = durable.producer.get() else {
+        // No producer yet: nothing can be written.
+        if durable.producer.get().is_none() {
             return false;
-        };
+        }
         let changelog = &durable.changelog;
         changelog.checkpoint(numbers, &self.partitions, &self.tracker, false);
         let (outgoing, ready) = changelog.ready(&self.tracker);
         for (partition, offset) in ready {
             super::delivery::store(consumer, &partition, offset);
         }
-        for batch in &outgoing {
-            for index in 0..batch.len() {
-                if let Err(err) = send_blocking(producer, changelog.record(batch, index)) {
-                    tracing::warn!(error = %err, "Changelog write before revocation failed.");
-                    return false;
-                }
-            }
+        if let Err(err) = changelog.hand_off(outgoing) {
+            tracing::warn!(error = %err, "Changelog write before revocation failed.");
+            return false;
         }
         let settled = changelog.wait_settled(numbers, super::DRAIN_TIMEOUT);
         if !settled {

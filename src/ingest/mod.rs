@@ -109,6 +109,9 @@ pub enum ServiceError {
     /// started without an error).
     #[error("the service task ended unexpectedly: {0}")]
     Task(String),
+    /// The changelog's sender thread could not be started (the system's thread limit).
+    #[error("cannot start the changelog sender thread: {0}")]
+    SenderThread(std::io::Error),
 }
 
 /// What a started service exposes to its caller.
@@ -206,6 +209,10 @@ pub async fn run(
         acknowledger,
     )?);
     if let Some(durable) = consumer.context().durable() {
+        durable
+            .changelog
+            .start_sender(producer.clone())
+            .map_err(ServiceError::SenderThread)?;
         let _ = durable.producer.set(producer.clone());
     }
     if let Some(transactions) = &transactions {
@@ -324,7 +331,7 @@ pub async fn run(
             Some(restored) = restored_rx.recv() => pipeline.take_restored(restored),
             _ = timer_tick.tick() => {
                 let result = match pipeline.fire_idle_timers(&mut changes).await {
-                    Ok(()) => pipeline.send_checkpoints().await,
+                    Ok(()) => pipeline.send_checkpoints(),
                     err => err,
                 };
                 if let Err(err) = result {
@@ -341,7 +348,7 @@ pub async fn run(
                 } else {
                     pipeline.checkpoint(|number| number.rem_euclid(slices) == slice, true);
                     slice = (slice + 1) % slices;
-                    if let Err(err) = pipeline.send_checkpoints().await {
+                    if let Err(err) = pipeline.send_checkpoints() {
                         failure.record(err);
                         break;
                     }
@@ -406,7 +413,7 @@ pub async fn run(
         if drained && pipeline.changelog.is_some() {
             // A last checkpoint of every partition: the next owner restores exactly this.
             pipeline.checkpoint(|_| true, false);
-            drained = pipeline.send_checkpoints().await.is_ok() && pipeline.settle().await;
+            drained = pipeline.send_checkpoints().is_ok() && pipeline.settle().await;
         }
         if drained {
             commit_final(&consumer, &tracker).await;
@@ -867,9 +874,9 @@ impl Pipeline {
         changelog.checkpoint(&numbers, &self.partitions, &self.tracker, deferred);
     }
 
-    /// Sends the checkpoints whose messages' outputs are acknowledged, and stores the
-    /// offsets settled checkpoints make committable.
-    async fn send_checkpoints(&self) -> Result<(), KafkaError> {
+    /// Hands the checkpoints whose messages' outputs are acknowledged to the changelog's
+    /// sender thread, and stores the offsets settled checkpoints make committable.
+    fn send_checkpoints(&self) -> Result<(), KafkaError> {
         let Some(changelog) = &self.changelog else {
             return Ok(());
         };
@@ -877,12 +884,7 @@ impl Pipeline {
         for (partition, offset) in committable {
             delivery::store(self.consumer.as_ref(), &partition, offset);
         }
-        for batch in &outgoing {
-            for index in 0..batch.len() {
-                send(&self.producer, changelog.record(batch, index)).await?;
-            }
-        }
-        Ok(())
+        changelog.hand_off(outgoing)
     }
 
     /// At shutdown: waits until every checkpoint is sent and acknowledged. Returns
@@ -893,7 +895,7 @@ impl Pipeline {
         };
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
-            if self.send_checkpoints().await.is_err() {
+            if self.send_checkpoints().is_err() {
                 return false;
             }
             let numbers: Vec<i32> = {
