@@ -207,12 +207,18 @@ impl Changelog {
             return Ok(());
         }
         let (queue, queued) = mpsc::channel::<Outgoing>();
+        // Neither is held between batches: the producer's delivery callback holds the
+        // changelog, and the changelog this thread's queue, so a strong reference here
+        // would keep the producer (and its broker connections) alive for ever.
         let changelog = Arc::downgrade(self);
+        let producer = Arc::downgrade(&producer);
         std::thread::Builder::new()
             .name("changelog-send".into())
             .spawn(move || {
                 while let Ok(outgoing) = queued.recv() {
-                    let Some(changelog) = changelog.upgrade() else {
+                    let (Some(changelog), Some(producer)) =
+                        (changelog.upgrade(), producer.upgrade())
+                    else {
                         return;
                     };
                     changelog.send(&producer, &outgoing);
