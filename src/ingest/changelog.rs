@@ -42,7 +42,8 @@
 //! the loop's and the rebalance callback's alike, go to one thread (`changelog-send`)
 //! that hands them to the producer in the order they came ([`Changelog::hand_off`]):
 //! per partition, a later checkpoint's records never reach the topic before an earlier
-//! one's. Acknowledgements arrive as before, through the producer's delivery callback.
+//! one's. Like the encoder, it runs at nice 10. Acknowledgements arrive as before,
+//! through the producer's delivery callback.
 //!
 //! Each process writes, before its first state in a partition, the dictionary of its
 //! rules (segment ids and slot descriptions) under a key of its own, so that a restore
@@ -194,8 +195,10 @@ impl Changelog {
     }
 
     /// Starts the thread (`changelog-send`) that hands checkpoints' records to
-    /// `producer`, in the order [`Changelog::hand_off`] receives them. Called once, when
-    /// the producer exists; a second call changes nothing.
+    /// `producer`, in the order [`Changelog::hand_off`] receives them, at the encoder's
+    /// lower CPU priority: the records only gate offset commits, so on busy cores the
+    /// loop, the clients' threads and the broker run first. Called once, when the
+    /// producer exists; a second call changes nothing.
     pub fn start_sender<C>(
         self: &Arc<Self>,
         producer: Arc<ThreadedProducer<C>>,
@@ -215,6 +218,7 @@ impl Changelog {
         std::thread::Builder::new()
             .name("changelog-send".into())
             .spawn(move || {
+                lower_priority();
                 while let Ok(outgoing) = queued.recv() {
                     let (Some(changelog), Some(producer)) =
                         (changelog.upgrade(), producer.upgrade())
@@ -661,7 +665,8 @@ fn start_encoder(changelog: Weak<Changelog>) -> Option<mpsc::Sender<()>> {
     }
 }
 
-/// Lowers the calling thread's CPU priority (nice 10; on Linux, nice is per thread).
+/// Lowers the calling thread's CPU priority (nice 10; on Linux, nice is per thread): the
+/// changelog's encoder and sender threads.
 /// Best effort: where it fails, the thread runs at the process's priority.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
@@ -760,6 +765,22 @@ mod tests {
             .collect()
     }
 
+    /// The nice values of this process's threads named `name` (Linux: `/proc/self/task`).
+    #[cfg(target_os = "linux")]
+    fn niceness_of_threads(name: &str) -> Vec<i64> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let path = task.ok()?.path();
+                let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                // Field 19 is the nice value; fields after the `)` closing the name.
+                let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?;
+                (comm.trim() == name).then(|| nice.parse().ok())?
+            })
+            .collect()
+    }
+
     /// A deferred checkpoint is encoded by the encoder thread alone, with no write to
     /// its customers and no later checkpoint, and that thread runs at nice 10 or lower
     /// priority (Linux: `/proc/self/task/*/stat`).
@@ -790,17 +811,7 @@ mod tests {
 
         #[cfg(target_os = "linux")]
         {
-            let niceness: Vec<i64> = std::fs::read_dir("/proc/self/task")
-                .unwrap()
-                .filter_map(|task| {
-                    let path = task.ok()?.path();
-                    let comm = std::fs::read_to_string(path.join("comm")).ok()?;
-                    let stat = std::fs::read_to_string(path.join("stat")).ok()?;
-                    // Field 19 is the nice value; fields after the `)` closing the name.
-                    let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?;
-                    (comm.trim() == "changelog-enc").then(|| nice.parse().ok())?
-                })
-                .collect();
+            let niceness = niceness_of_threads("changelog-enc");
             assert!(!niceness.is_empty(), "no encoder thread found");
             assert!(niceness.iter().all(|&n| n >= 10), "{niceness:?}");
         }
@@ -887,7 +898,8 @@ mod tests {
 
     /// Two checkpoints handed off one after the other reach the topic in that order
     /// through the sender thread: every record of the first (after the rules
-    /// dictionary) before any of the second, so compaction keeps the later states.
+    /// dictionary) before any of the second, so compaction keeps the later states. The
+    /// thread runs at nice 10 or lower priority.
     #[test]
     fn the_sender_thread_writes_checkpoints_in_the_order_handed_off() {
         let customers: Vec<String> = (0..500).map(|i| format!("c-{i}")).collect();
@@ -928,6 +940,12 @@ mod tests {
         assert!(order[..split].iter().all(|&id| id == ids[0]), "{order:?}");
         assert!(order[split..].iter().all(|&id| id == ids[1]), "{order:?}");
         assert!(changelog.hand_off(Vec::new()).is_ok(), "no send failed");
+        #[cfg(target_os = "linux")]
+        {
+            let niceness = niceness_of_threads("changelog-send");
+            assert!(!niceness.is_empty(), "no sender thread found");
+            assert!(niceness.iter().all(|&n| n >= 10), "{niceness:?}");
+        }
     }
 
     /// A checkpoint of a partition revoked (forgotten) after it was handed off is not
