@@ -19,7 +19,10 @@
 //!    (segmentd's producer, broker, harness consumer); and by the quarter of the phase
 //!    its event was sent in (Tansu's in-memory engine lists every batch a partition
 //!    holds on each fetch, so its cost, and latency with it, grow through a phase),
-//!    with segmentd's and the broker's CPU while sending.
+//!    with segmentd's and the broker's CPU while sending. segmentd's own histogram
+//!    `segmentd_event_to_emit_seconds` (from reading a message to the broker's
+//!    acknowledgement of its last output), scraped before and after the phase, gives the
+//!    part of the path inside segmentd and its producer, to the histogram's bucket bounds.
 //!    Timer-caused changes report how long after the watermark passed their deadline they
 //!    arrived (the watermark trails live event time by `time.allowed_lateness`).
 //! 3. **Latency at saturation**: the same, offered at the throughput phase 1 measured.
@@ -326,6 +329,9 @@ struct LivePhase {
     /// CPU seconds of segmentd and of the broker while the phase's events were sent.
     segmentd_cpu: f64,
     broker_cpu: f64,
+    /// segmentd's `segmentd_event_to_emit_seconds` over the phase: cumulative counts by
+    /// bucket bound (seconds), the scrape after minus the scrape before.
+    read_to_acknowledged: Vec<(f64, f64)>,
 }
 
 impl LivePhase {
@@ -350,6 +356,12 @@ impl LivePhase {
             ms(percentile(&self.emitted_to_arrived, 0.50)),
             ms(percentile(&self.emitted_to_arrived, 0.99)),
         );
+        println!(
+            "  inside segmentd, read -> outputs acknowledged (its histogram, to bucket bounds): \
+             p50 <= {} p99 <= {} (ms)",
+            bucket_bound_ms(&self.read_to_acknowledged, 0.50),
+            bucket_bound_ms(&self.read_to_acknowledged, 0.99),
+        );
         let quarters: Vec<String> = self
             .by_quarter
             .iter()
@@ -371,6 +383,22 @@ impl LivePhase {
             ms(self.timer_delays.last().copied()),
         );
     }
+}
+
+/// The smallest bucket bound (ms) of cumulative `buckets` holding quantile `q` of the
+/// observations.
+fn bucket_bound_ms(buckets: &[(f64, f64)], q: f64) -> String {
+    let total = buckets.last().map_or(0.0, |&(_, count)| count);
+    buckets
+        .iter()
+        .find(|&&(_, count)| total > 0.0 && count >= q * total)
+        .map_or("-".to_owned(), |&(bound, _)| {
+            if bound.is_finite() {
+                format!("{}", bound * 1000.0)
+            } else {
+                "inf".to_owned()
+            }
+        })
 }
 
 fn ms(micros: Option<i64>) -> String {
@@ -425,6 +453,7 @@ fn live_phase(
         std::thread::sleep(Duration::from_millis(1));
     }
     let phase_start = wall_clock_now();
+    let histogram_before = service.histogram("segmentd_event_to_emit_seconds")?;
     let (first_sent, pids) = (now_micros(), [service.child.0.id(), broker.child.0.id()]);
     let cpu_before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
     let started = Instant::now();
@@ -451,6 +480,12 @@ fn live_phase(
     let broker_cpu = cpu_seconds(pids[1])? - cpu_before[1];
     ensure!(sink.finish()? == 0, "the broker refused live events");
     output.wait_quiet(Duration::from_secs(3), Duration::from_secs(120));
+    let read_to_acknowledged: Vec<(f64, f64)> = service
+        .histogram("segmentd_event_to_emit_seconds")?
+        .into_iter()
+        .zip(histogram_before)
+        .map(|((bound, after), (_, before))| (bound, after - before))
+        .collect();
 
     let mut latencies = Vec::new();
     let mut to_emitted = Vec::new();
@@ -495,6 +530,7 @@ fn live_phase(
         by_quarter,
         segmentd_cpu,
         broker_cpu,
+        read_to_acknowledged,
     })
 }
 
@@ -764,6 +800,27 @@ impl Service {
         stream.read_to_string(&mut response).ok()?;
         let status = response.split(' ').nth(1)?.parse().ok()?;
         Some((status, response))
+    }
+
+    /// The cumulative buckets of histogram `name` in `/metrics`: (bound in seconds,
+    /// count), in the exposition's order (ascending, `+Inf` last).
+    fn histogram(&self, name: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+        let (_, body) = self.get("/metrics").context("no /metrics answer")?;
+        let prefix = format!("{name}_bucket{{le=\"");
+        let buckets: Vec<(f64, f64)> = body
+            .lines()
+            .filter_map(|line| {
+                let (bound, rest) = line.strip_prefix(&prefix)?.split_once('"')?;
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().ok()?
+                };
+                Some((bound, rest.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect();
+        ensure!(!buckets.is_empty(), "no {name} in /metrics");
+        Ok(buckets)
     }
 
     /// The sum of `segmentd_events_total` over its labels.
