@@ -708,6 +708,8 @@ fn send_blocking<C: ProducerContext<DeliveryOpaque = Box<Ticket>>>(
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::producer::Producer;
+
     use super::*;
     use crate::ingest::Source;
     use crate::rules::{RuleSet, SegmentDef};
@@ -855,8 +857,6 @@ mod tests {
         assert_eq!(recorded[0].len(), half.len());
         assert!(recorded[0].values().all(|&events| events == 3));
     }
-
-    use rdkafka::producer::Producer;
 
     /// A producer context recording each delivered changelog record's key and
     /// checkpoint, in the order of the deliveries.
