@@ -767,20 +767,33 @@ mod tests {
             .collect()
     }
 
-    /// The nice values of this process's threads named `name` (Linux: `/proc/self/task`).
-    #[cfg(target_os = "linux")]
-    fn niceness_of_threads(name: &str) -> Vec<i64> {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|task| {
-                let path = task.ok()?.path();
-                let comm = std::fs::read_to_string(path.join("comm")).ok()?;
-                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
-                // Field 19 is the nice value; fields after the `)` closing the name.
-                let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?;
-                (comm.trim() == name).then(|| nice.parse().ok())?
-            })
-            .collect()
+    /// Asserts that this process has a thread named `name`, and that every such thread
+    /// runs at nice 10 or more (Linux: `/proc/self/task`; elsewhere nothing is checked).
+    fn assert_runs_below_normal_priority(name: &str) {
+        #[cfg(target_os = "linux")]
+        {
+            let niceness: Vec<i64> = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|task| {
+                    let path = task.ok()?.path();
+                    let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                    let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                    // Field 19 is the nice value; fields after the `)` closing the name.
+                    let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?;
+                    (comm.trim() == name).then(|| nice.parse().ok())?
+                })
+                .collect();
+            assert!(!niceness.is_empty(), "no thread {name} found");
+            assert!(niceness.iter().all(|&n| n >= 10), "{name}: {niceness:?}");
+        }
+    }
+
+    /// An engine with one rule, `seen` (any page view), and a changelog writer for it.
+    fn seen_engine() -> (Engine, Arc<Changelog>) {
+        let rules = RuleSet::compile(&[SegmentDef::new("seen", "count(page_view) >= 1")]).unwrap();
+        let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
+        let changelog = Changelog::new("changelog", &engine);
+        (engine, changelog)
     }
 
     /// A deferred checkpoint is encoded by the encoder thread alone, with no write to
@@ -790,9 +803,7 @@ mod tests {
     fn the_encoder_thread_encodes_deferred_checkpoints_at_a_lower_priority() {
         let customers: Vec<String> = (0..500).map(|i| format!("c-{i}")).collect();
         let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
-        let rules = RuleSet::compile(&[SegmentDef::new("seen", "count(page_view) >= 1")]).unwrap();
-        let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
-        let changelog = Changelog::new("changelog", &engine);
+        let (engine, changelog) = seen_engine();
         let partitions: Partitions = Arc::default();
         page_views(&engine, &partitions, &customers, 1_000);
         changelog.checkpoint(&[0], &partitions, &OffsetTracker::new(), true);
@@ -811,12 +822,7 @@ mod tests {
         );
         assert_eq!(recorded[0].len(), customers.len());
 
-        #[cfg(target_os = "linux")]
-        {
-            let niceness = niceness_of_threads("changelog-enc");
-            assert!(!niceness.is_empty(), "no encoder thread found");
-            assert!(niceness.iter().all(|&n| n >= 10), "{niceness:?}");
-        }
+        assert_runs_below_normal_priority("changelog-enc");
     }
 
     /// Deferred checkpoints' records hold each customer as it was at its checkpoint,
@@ -829,9 +835,7 @@ mod tests {
         let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
         let mut reversed = customers.clone();
         reversed.reverse();
-        let rules = RuleSet::compile(&[SegmentDef::new("seen", "count(page_view) >= 1")]).unwrap();
-        let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
-        let changelog = Changelog::new("changelog", &engine);
+        let (engine, changelog) = seen_engine();
         let partitions: Partitions = Arc::default();
         let tracker = OffsetTracker::new();
         page_views(&engine, &partitions, &customers, 1_000);
@@ -904,9 +908,7 @@ mod tests {
     fn the_sender_thread_writes_checkpoints_in_the_order_handed_off() {
         let customers: Vec<String> = (0..500).map(|i| format!("c-{i}")).collect();
         let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
-        let rules = RuleSet::compile(&[SegmentDef::new("seen", "count(page_view) >= 1")]).unwrap();
-        let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
-        let changelog = Changelog::new("changelog", &engine);
+        let (engine, changelog) = seen_engine();
         let (_mock, producer) = embedded_producer();
         changelog.start_sender(producer.clone()).unwrap();
         let partitions: Partitions = Arc::default();
@@ -940,12 +942,7 @@ mod tests {
         assert!(order[..split].iter().all(|&id| id == ids[0]), "{order:?}");
         assert!(order[split..].iter().all(|&id| id == ids[1]), "{order:?}");
         assert!(changelog.hand_off(Vec::new()).is_ok(), "no send failed");
-        #[cfg(target_os = "linux")]
-        {
-            let niceness = niceness_of_threads("changelog-send");
-            assert!(!niceness.is_empty(), "no sender thread found");
-            assert!(niceness.iter().all(|&n| n >= 10), "{niceness:?}");
-        }
+        assert_runs_below_normal_priority("changelog-send");
     }
 
     /// A checkpoint of a partition revoked (forgotten) after it was handed off is not
@@ -953,9 +950,7 @@ mod tests {
     /// not land after them.
     #[test]
     fn a_checkpoint_of_a_revoked_partition_is_not_written() {
-        let rules = RuleSet::compile(&[SegmentDef::new("seen", "count(page_view) >= 1")]).unwrap();
-        let engine = Engine::new(Arc::new(rules), new_store(), 30 * 60 * 1000);
-        let changelog = Changelog::new("changelog", &engine);
+        let (engine, changelog) = seen_engine();
         let (_mock, producer) = embedded_producer();
         let partitions: Partitions = Arc::default();
         page_views(&engine, &partitions, &["c-1", "c-2"], 1_000);
