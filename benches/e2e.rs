@@ -33,6 +33,14 @@
 //!    "ready" (every partition restored, in parallel, through the broker), customers per
 //!    second over it, and the broker's and segmentd's CPU meanwhile.
 //!
+//! 5. **The floor** (with `--relay`, instead of segmentd): a minimal relay — this harness
+//!    run again as a process of its own — reads the input topic and, for a share of the
+//!    events (`--relay-share`), writes a change-shaped record naming the event, through
+//!    segmentd's own producer settings and the configuration's client properties. No
+//!    rules, no state: what any processor on this broker and these clients pays at least.
+//!    The history is preloaded as for segmentd (the broker holds the same batches), then
+//!    the fixed-rate phase runs; there is no throughput or saturation phase.
+//!
 //! Everything runs on one 2-core machine: broker, producer, consumer and segmentd share
 //! it, as SPEC §6's end-to-end targets say. Results and commands: BENCHMARKS.md.
 
@@ -50,12 +58,15 @@ use clap::Parser;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use segmentd::cli::generate::{EventClock, Pace, TopicSink, pump};
 use segmentd::config::Config;
+use segmentd::emit::producer::create_producer;
 use segmentd::generate::{Format, Generated, Generator, GeneratorConfig};
-use segmentd::time::{parse_timestamp, wall_clock_now};
+use segmentd::time::{format_timestamp, parse_timestamp, wall_clock_now};
 
 /// Options of the harness.
 #[derive(Debug, Parser)]
@@ -93,6 +104,17 @@ struct Args {
     /// Only the restore phase.
     #[arg(long)]
     restore_only: bool,
+    /// Measure the floor: the minimal relay in segmentd's place (phase 5 above).
+    #[arg(long)]
+    relay: bool,
+    /// The share of events the relay writes a record for. segmentd's own share (changes
+    /// per event offered) is printed by its fixed-rate phase; match it for a like-for-like
+    /// output load.
+    #[arg(long, default_value_t = 1.0)]
+    relay_share: f64,
+    /// Internal: run as the relay, against this broker (`--relay` starts it so).
+    #[arg(long, hide = true)]
+    relay_for: Option<String>,
     /// Where the broker's and segmentd's logs go.
     #[arg(long, default_value = "target/e2e")]
     logs: PathBuf,
@@ -112,6 +134,9 @@ fn main() -> anyhow::Result<()> {
     let config_text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let config = Config::from_toml_only(&config_text, &args.config.display().to_string())?;
+    if let Some(brokers) = &args.relay_for {
+        return relay(brokers, &config, args.relay_share);
+    }
 
     let broker = Broker::start(&args.logs.join("tansu.log"))?;
     let mut topics: Vec<(&str, i32)> = config
@@ -125,12 +150,20 @@ fn main() -> anyhow::Result<()> {
     broker.create_topics(&topics, &[])?;
 
     println!(
-        "machine: {} cores; events {}, customers {}, partitions {}, config {}",
+        "machine: {} cores; events {}, customers {}, partitions {}, config {}{}",
         std::thread::available_parallelism().map_or(0, usize::from),
         args.events,
         args.customers,
         args.partitions,
-        args.config.display()
+        args.config.display(),
+        if args.relay {
+            format!(
+                "; the relay in segmentd's place, share {}",
+                args.relay_share
+            )
+        } else {
+            String::new()
+        }
     );
 
     if !args.restore_only {
@@ -169,6 +202,18 @@ fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
         started.elapsed().as_secs_f64()
     );
 
+    if args.relay {
+        let output = OutputReader::start(
+            &broker.address,
+            &config.kafka.output_topic,
+            args.client_wait_ms,
+        )?;
+        let relay = Service::start_relay(args, broker)?;
+        relay.wait_until_relaying(broker, config, &output)?;
+        let fixed = live_phase(broker, &relay, config, &output, 2, args, args.rate)?;
+        fixed.print(&format!("at {} events/s", args.rate), 0);
+        return Ok(());
+    }
     let service = Service::start(args, broker, "segmentd-e2e", &[])?;
     let drained = service.drain(args.events, broker)?;
     println!(
@@ -326,7 +371,10 @@ struct LivePhase {
     /// microseconds, each sorted: a latency that grows through the phase is a cost that
     /// grows with what the broker holds, not with the rate.
     by_quarter: [Vec<i64>; 4],
-    /// CPU seconds of segmentd and of the broker while the phase's events were sent.
+    /// What was measured: "segmentd" or "relay".
+    processor: &'static str,
+    /// CPU seconds of segmentd (or the relay) and of the broker while the phase's events
+    /// were sent.
     segmentd_cpu: f64,
     broker_cpu: f64,
     /// segmentd's `segmentd_event_to_emit_seconds` over the phase: cumulative counts by
@@ -337,11 +385,12 @@ struct LivePhase {
 impl LivePhase {
     fn print(&self, label: &str, lateness_ms: i64) {
         println!(
-            "latency {label}: offered {:.0} events/s for {:.0} s; {} changes: p50 {} p99 {} \
-             p99.9 {} max {} (ms); {} not matched to a phase event",
+            "latency {label}: offered {:.0} events/s for {:.0} s; {} changes ({:.3} per event): \
+             p50 {} p99 {} p99.9 {} max {} (ms); {} not matched to a phase event",
             self.offered as f64 / self.seconds,
             self.seconds,
             self.latencies.len(),
+            self.latencies.len() as f64 / self.offered.max(1) as f64,
             ms(percentile(&self.latencies, 0.50)),
             ms(percentile(&self.latencies, 0.99)),
             ms(percentile(&self.latencies, 0.999)),
@@ -356,21 +405,24 @@ impl LivePhase {
             ms(percentile(&self.emitted_to_arrived, 0.50)),
             ms(percentile(&self.emitted_to_arrived, 0.99)),
         );
-        println!(
-            "  inside segmentd, read -> outputs acknowledged (its histogram, to bucket bounds): \
-             p50 <= {} p99 <= {} (ms)",
-            bucket_bound_ms(&self.read_to_acknowledged, 0.50),
-            bucket_bound_ms(&self.read_to_acknowledged, 0.99),
-        );
+        if !self.read_to_acknowledged.is_empty() {
+            println!(
+                "  inside segmentd, read -> outputs acknowledged (its histogram, to bucket \
+                 bounds): p50 <= {} p99 <= {} (ms)",
+                bucket_bound_ms(&self.read_to_acknowledged, 0.50),
+                bucket_bound_ms(&self.read_to_acknowledged, 0.99),
+            );
+        }
         let quarters: Vec<String> = self
             .by_quarter
             .iter()
             .map(|q| format!("{}/{}", ms(percentile(q, 0.50)), ms(percentile(q, 0.99))))
             .collect();
         println!(
-            "  by quarter of the phase, p50/p99 (ms): {}; CPU segmentd {:.2} cores, broker \
-             {:.2} cores",
+            "  by quarter of the phase, p50/p99 (ms): {}; CPU {} {:.2} cores, broker {:.2} \
+             cores",
             quarters.join(" "),
+            self.processor,
             self.segmentd_cpu / self.seconds,
             self.broker_cpu / self.seconds,
         );
@@ -528,6 +580,11 @@ fn live_phase(
         timer_delays,
         unmatched,
         by_quarter,
+        processor: if service.http.is_some() {
+            "segmentd"
+        } else {
+            "relay"
+        },
         segmentd_cpu,
         broker_cpu,
         read_to_acknowledged,
@@ -541,6 +598,93 @@ fn event_id(payload: &[u8]) -> Option<&str> {
     let start = payload.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
     let length = payload[start..].iter().position(|&b| b == b'"')?;
     std::str::from_utf8(&payload[start..start + length]).ok()
+}
+
+/// Assigns every partition of `topic` to `consumer`, from the partition's end.
+fn read_from_end(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<()> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::End)?;
+    }
+    Ok(consumer.assign(&assignment)?)
+}
+
+/// The key of the harness's probes, which the relay writes a record for whatever its share.
+const PROBE_KEY: &str = "e2e-relay-probe";
+
+/// The relay (`--relay-for`): reads every partition of the first input topic from its
+/// end and writes, for `share` of the events (and for every probe), a record as the
+/// harness reads a change — the event's id as its cause, the moment the relay read it as
+/// `emitted_at` — keyed as the event, through segmentd's producer settings, with the
+/// configuration's client properties on both clients. Runs until killed.
+fn relay(brokers: &str, config: &Config, share: f64) -> anyhow::Result<()> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "e2e-relay")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (key, value) in &config.kafka.consumer {
+        client.set(key, value);
+    }
+    let consumer: BaseConsumer = client.create()?;
+    read_from_end(&consumer, &config.kafka.input_topics[0])?;
+    let producer = create_producer(brokers, &config.kafka.producer, DefaultProducerContext)?;
+    // Whole records owed so far: `share` more for each event read.
+    let mut owed = 0.0;
+    // The next offset of each partition, and how many records came again below it:
+    // through Tansu, a consumer assigned at the end is sometimes handed the first batches
+    // twice; they are relayed once, as a processor that tracks offsets would.
+    let (mut next_offsets, mut again) = (HashMap::new(), 0u64);
+    loop {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        let next = next_offsets.entry(message.partition()).or_insert(0);
+        if message.offset() < *next {
+            again += 1;
+            if again.is_power_of_two() {
+                eprintln!(
+                    "{again} records read again (partition {}, offset {})",
+                    message.partition(),
+                    message.offset()
+                );
+            }
+            continue;
+        }
+        *next = message.offset() + 1;
+        let key = message.key().unwrap_or_default();
+        if key != PROBE_KEY.as_bytes() {
+            owed += share;
+            if owed < 1.0 {
+                continue;
+            }
+            owed -= 1.0;
+        }
+        let Some(id) = message.payload().and_then(event_id) else {
+            continue;
+        };
+        let payload = format!(
+            r#"{{"cause":{{"kind":"event","event_id":"{id}"}},"emitted_at":"{}"}}"#,
+            format_timestamp(wall_clock_now())
+        );
+        let mut record = BaseRecord::to(&config.kafka.output_topic)
+            .key(key)
+            .payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((error, _)) => return Err(error.into()),
+            }
+        }
+    }
 }
 
 /// Why a change was made, as far as the harness cares.
@@ -574,13 +718,7 @@ impl OutputReader {
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", wait_ms.to_string())
             .create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions = metadata.topics()[0].partitions().len() as i32;
-        let mut assignment = TopicPartitionList::new();
-        for partition in 0..partitions {
-            assignment.add_partition_offset(topic, partition, Offset::End)?;
-        }
-        consumer.assign(&assignment)?;
+        read_from_end(&consumer, topic)?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let last_arrival = Arc::new(Mutex::new(Instant::now()));
         let (into, last) = (received.clone(), last_arrival.clone());
@@ -694,10 +832,11 @@ impl Broker {
     }
 }
 
-/// The `segmentd run` binary under test.
+/// The process under test: the `segmentd run` binary, or the relay (`--relay`).
 struct Service {
     child: Guard,
-    http: String,
+    /// segmentd's HTTP address; the relay has none.
+    http: Option<String>,
 }
 
 /// What the throughput phase measured.
@@ -735,8 +874,60 @@ impl Service {
             .context("cannot start segmentd")?;
         Ok(Service {
             child: Guard(child),
-            http,
+            http: Some(http),
         })
+    }
+
+    /// Starts the relay: this harness again, with `--relay-for`; its log goes to
+    /// `relay.log`.
+    fn start_relay(args: &Args, broker: &Broker) -> anyhow::Result<Service> {
+        let log = std::fs::File::create(args.logs.join("relay.log"))?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("--relay-for")
+            .arg(&broker.address)
+            .arg("--relay-share")
+            .arg(args.relay_share.to_string())
+            .arg("--config")
+            .arg(&args.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start the relay")?;
+        Ok(Service {
+            child: Guard(child),
+            http: None,
+        })
+    }
+
+    /// Writes probes to the input topic until the relay's record of one arrives at
+    /// `output` (the relay then reads its partitions from their end), for at most 60 s;
+    /// then lets the output go quiet and forgets what arrived.
+    fn wait_until_relaying(
+        &self,
+        broker: &Broker,
+        config: &Config,
+        output: &OutputReader,
+    ) -> anyhow::Result<()> {
+        let sink = TopicSink::with_linger(&broker.address, &config.kafka.input_topics[0], 0)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for probe in 0.. {
+            ensure!(
+                Instant::now() < deadline,
+                "the relay wrote nothing within 60 s; see relay.log"
+            );
+            sink.send(
+                PROBE_KEY,
+                format!(r#"{{"event_id":"probe-{probe}"}}"#).as_bytes(),
+            )?;
+            std::thread::sleep(Duration::from_millis(200));
+            if !output.take().is_empty() {
+                break;
+            }
+        }
+        ensure!(sink.finish()? == 0, "the broker refused a probe");
+        output.wait_quiet(Duration::from_millis(500), Duration::from_secs(10));
+        output.take();
+        Ok(())
     }
 
     /// Scrapes `/metrics` until `total` events are applied; measures from the first
@@ -789,7 +980,7 @@ impl Service {
 
     /// `GET path`: the status code and the whole response (headers and body).
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect(&self.http).ok()?;
+        let mut stream = TcpStream::connect(self.http.as_deref()?).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
             stream,
@@ -803,8 +994,11 @@ impl Service {
     }
 
     /// The cumulative buckets of histogram `name` in `/metrics`: (bound in seconds,
-    /// count), in the exposition's order (ascending, `+Inf` last).
+    /// count), in the exposition's order (ascending, `+Inf` last); none for the relay.
     fn histogram(&self, name: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+        if self.http.is_none() {
+            return Ok(Vec::new());
+        }
         let (_, body) = self.get("/metrics").context("no /metrics answer")?;
         let prefix = format!("{name}_bucket{{le=\"");
         let buckets: Vec<(f64, f64)> = body
