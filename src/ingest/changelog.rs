@@ -54,13 +54,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak, mpsc};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 
-use super::Partitions;
 use super::delivery::Ticket;
 use super::offsets::{OffsetTracker, PartitionKey};
+use super::{IngestContext, Partitions};
 use crate::engine::Engine;
 use crate::state::CustomerState;
 use crate::state::codec::{RulesDictionary, Summary, encode};
@@ -230,6 +231,21 @@ impl Changelog {
             })?;
         let _ = self.sender.set(queue);
         Ok(())
+    }
+
+    /// Releases the checkpoints that are ready ([`Changelog::ready`]): stores on
+    /// `consumer` the input offsets they make committable, and hands their records to the
+    /// sender thread ([`Changelog::hand_off`], whose error this returns).
+    pub fn release(
+        &self,
+        tracker: &OffsetTracker,
+        consumer: &impl Consumer<IngestContext>,
+    ) -> Result<(), KafkaError> {
+        let (outgoing, committable) = self.ready(tracker);
+        for (partition, offset) in committable {
+            super::delivery::store(consumer, &partition, offset);
+        }
+        self.hand_off(outgoing)
     }
 
     /// Queues checkpoints' records (from [`Changelog::ready`]) for the sender thread.

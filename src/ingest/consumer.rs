@@ -283,11 +283,7 @@ impl IngestContext {
         }
         let changelog = &durable.changelog;
         changelog.checkpoint(numbers, &self.partitions, &self.tracker, false);
-        let (outgoing, ready) = changelog.ready(&self.tracker);
-        for (partition, offset) in ready {
-            super::delivery::store(consumer, &partition, offset);
-        }
-        if let Err(err) = changelog.hand_off(outgoing) {
+        if let Err(err) = changelog.release(&self.tracker, consumer) {
             tracing::warn!(error = %err, "Changelog write before revocation failed.");
             return false;
         }

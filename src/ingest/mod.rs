@@ -880,11 +880,7 @@ impl Pipeline {
         let Some(changelog) = &self.changelog else {
             return Ok(());
         };
-        let (outgoing, committable) = changelog.ready(&self.tracker);
-        for (partition, offset) in committable {
-            delivery::store(self.consumer.as_ref(), &partition, offset);
-        }
-        changelog.hand_off(outgoing)
+        changelog.release(&self.tracker, self.consumer.as_ref())
     }
 
     /// At shutdown: waits until every checkpoint is sent and acknowledged. Returns
