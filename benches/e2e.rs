@@ -380,6 +380,9 @@ struct LivePhase {
     /// segmentd's `segmentd_event_to_emit_seconds` over the phase: cumulative counts by
     /// bucket bound (seconds), the scrape after minus the scrape before.
     read_to_acknowledged: Vec<(f64, f64)>,
+    /// Customer states segmentd wrote to its changelog over the phase (to the output
+    /// going quiet).
+    changelog_records: Option<u64>,
 }
 
 impl LivePhase {
@@ -405,6 +408,12 @@ impl LivePhase {
             ms(percentile(&self.emitted_to_arrived, 0.50)),
             ms(percentile(&self.emitted_to_arrived, 0.99)),
         );
+        if let Some(records) = self.changelog_records {
+            println!(
+                "  changelog: {records} customer states written ({:.3} per event offered)",
+                records as f64 / self.offered.max(1) as f64
+            );
+        }
         if !self.read_to_acknowledged.is_empty() {
             println!(
                 "  inside segmentd, read -> outputs acknowledged (its histogram, to bucket \
@@ -506,6 +515,7 @@ fn live_phase(
     }
     let phase_start = wall_clock_now();
     let histogram_before = service.histogram("segmentd_event_to_emit_seconds")?;
+    let changelog_before = service.counter("segmentd_changelog_records_total");
     let (first_sent, pids) = (now_micros(), [service.child.0.id(), broker.child.0.id()]);
     let cpu_before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
     let started = Instant::now();
@@ -532,6 +542,9 @@ fn live_phase(
     let broker_cpu = cpu_seconds(pids[1])? - cpu_before[1];
     ensure!(sink.finish()? == 0, "the broker refused live events");
     output.wait_quiet(Duration::from_secs(3), Duration::from_secs(120));
+    let changelog_records = changelog_before
+        .zip(service.counter("segmentd_changelog_records_total"))
+        .map(|(before, after)| after - before);
     let read_to_acknowledged: Vec<(f64, f64)> = service
         .histogram("segmentd_event_to_emit_seconds")?
         .into_iter()
@@ -588,6 +601,7 @@ fn live_phase(
         segmentd_cpu,
         broker_cpu,
         read_to_acknowledged,
+        changelog_records,
     })
 }
 
@@ -1019,10 +1033,19 @@ impl Service {
 
     /// The sum of `segmentd_events_total` over its labels.
     fn events_applied(&self) -> Option<u64> {
+        self.counter("segmentd_events_total")
+    }
+
+    /// The sum of counter `name` over its labels (`None` without an answer, as for the
+    /// relay).
+    fn counter(&self, name: &str) -> Option<u64> {
         let (_, body) = self.get("/metrics")?;
         Some(
             body.lines()
-                .filter(|line| line.starts_with("segmentd_events_total{"))
+                .filter(|line| {
+                    line.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with([' ', '{']))
+                })
                 .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as u64,
         )
