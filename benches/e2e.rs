@@ -383,7 +383,15 @@ struct LivePhase {
     /// Customer states segmentd wrote to its changelog over the phase (to the output
     /// going quiet).
     changelog_records: Option<u64>,
+    /// Input events segmentd found already applied, over the phase.
+    duplicates: Option<u64>,
 }
+
+/// The counters a live phase reads before and after: changelog records, duplicates.
+const COUNTERS: [&str; 2] = [
+    "segmentd_changelog_records_total",
+    "segmentd_events_duplicate_total",
+];
 
 impl LivePhase {
     fn print(&self, label: &str, lateness_ms: i64) {
@@ -408,9 +416,10 @@ impl LivePhase {
             ms(percentile(&self.emitted_to_arrived, 0.50)),
             ms(percentile(&self.emitted_to_arrived, 0.99)),
         );
-        if let Some(records) = self.changelog_records {
+        if let (Some(records), Some(duplicates)) = (self.changelog_records, self.duplicates) {
             println!(
-                "  changelog: {records} customer states written ({:.3} per event offered)",
+                "  changelog: {records} customer states written ({:.3} per event offered); \
+                 {duplicates} events found already applied",
                 records as f64 / self.offered.max(1) as f64
             );
         }
@@ -515,7 +524,7 @@ fn live_phase(
     }
     let phase_start = wall_clock_now();
     let histogram_before = service.histogram("segmentd_event_to_emit_seconds")?;
-    let changelog_before = service.counter("segmentd_changelog_records_total");
+    let counters_before = COUNTERS.map(|name| service.counter(name));
     let (first_sent, pids) = (now_micros(), [service.child.0.id(), broker.child.0.id()]);
     let cpu_before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
     let started = Instant::now();
@@ -542,9 +551,11 @@ fn live_phase(
     let broker_cpu = cpu_seconds(pids[1])? - cpu_before[1];
     ensure!(sink.finish()? == 0, "the broker refused live events");
     output.wait_quiet(Duration::from_secs(3), Duration::from_secs(120));
-    let changelog_records = changelog_before
-        .zip(service.counter("segmentd_changelog_records_total"))
-        .map(|(before, after)| after - before);
+    let [changelog_records, duplicates] = [0, 1].map(|i| {
+        counters_before[i]
+            .zip(service.counter(COUNTERS[i]))
+            .map(|(before, after)| after - before)
+    });
     let read_to_acknowledged: Vec<(f64, f64)> = service
         .histogram("segmentd_event_to_emit_seconds")?
         .into_iter()
@@ -602,6 +613,7 @@ fn live_phase(
         broker_cpu,
         read_to_acknowledged,
         changelog_records,
+        duplicates,
     })
 }
 
