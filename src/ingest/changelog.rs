@@ -69,6 +69,13 @@ use crate::state::codec::{RulesDictionary, Summary, encode};
 /// How long a checkpoint may wait for its messages' outputs before it is reported.
 const STALLED: Duration = Duration::from_secs(10);
 
+/// How many of a partition's checkpoints may still wait for the encoder thread when the
+/// next is taken. The thread runs below the loop's priority, so on busy cores it falls
+/// behind for a while; beyond this, the loop encodes the oldest waiting checkpoint's
+/// customers itself, one checkpoint's worth per checkpoint taken, so the copies (and the
+/// commits behind them) never lag far and the loop never stalls for more than that.
+const ENCODER_LAG: usize = 2;
+
 /// The pseudo topic under which idle partitions' timer changes are tracked: they answer
 /// to no input message, but a checkpoint must wait for them too.
 pub const TIMER_TOPIC: &str = "(timer)";
@@ -316,7 +323,7 @@ impl Changelog {
         deferred: bool,
     ) {
         if !deferred {
-            self.encode_frozen(|number| numbers.contains(&number));
+            self.encode_frozen(|number, _| numbers.contains(&number));
         }
         let mut froze = false;
         let mut partitions = partitions.lock().unwrap_or_else(|p| p.into_inner());
@@ -376,11 +383,17 @@ impl Changelog {
                 self.push(number, checkpoint);
                 continue;
             }
-            // The partition's customers still frozen for its previous checkpoint are
-            // encoded first, here, so the copy never lags more than one checkpoint behind.
-            // (None of them is in this checkpoint: one written since is no longer frozen,
-            // the hook took it.)
-            self.encode_frozen(|n| n == number);
+            // The encoder thread too far behind (ENCODER_LAG), or none: the oldest
+            // waiting checkpoint's customers are encoded here. (None of them is in this
+            // checkpoint: one written since is no longer frozen, the hook took it.)
+            let lag = if self.encoder.is_some() {
+                ENCODER_LAG
+            } else {
+                1
+            };
+            if let Some(oldest) = self.oldest_encoding(number, lag) {
+                self.encode_frozen(|n, checkpoint| n == number && checkpoint == oldest);
+            }
             // In the log before its customers are frozen, so a copy always finds it.
             checkpoint.unencoded = changed.len();
             self.push(number, checkpoint);
@@ -393,8 +406,8 @@ impl Changelog {
         }
         drop(partitions);
         if froze && let Some(wake) = &self.encoder {
-            // Sending fails only if the thread is gone; the loop's hook and the next
-            // checkpoint then encode them.
+            // Sending fails only if the thread is gone; the loop's hook and the later
+            // checkpoints then encode them.
             let _ = wake.send(());
         }
     }
@@ -446,9 +459,23 @@ impl Changelog {
         }
     }
 
-    /// Encodes the frozen customers of the partitions `which` selects, now (each under
-    /// its own lock, like the write hook, so the two never encode one twice).
-    fn encode_frozen(&self, which: impl Fn(i32) -> bool) {
+    /// The id of partition `number`'s oldest checkpoint still being encoded, if at least
+    /// `count` of its checkpoints are.
+    fn oldest_encoding(&self, number: i32, count: usize) -> Option<u64> {
+        let logs = self.lock();
+        let mut encoding = logs
+            .get(&number)?
+            .checkpoints
+            .iter()
+            .filter(|checkpoint| checkpoint.unencoded > 0);
+        let oldest = encoding.next()?.id;
+        (1 + encoding.count() >= count).then_some(oldest)
+    }
+
+    /// Encodes the frozen customers that `which` selects by partition number and
+    /// checkpoint id, now (each under its own lock, like the write hook, so the two never
+    /// encode one twice).
+    fn encode_frozen(&self, which: impl Fn(i32, u64) -> bool) {
         if self.frozen_count.load(Ordering::Relaxed) == 0 {
             return;
         }
@@ -457,14 +484,14 @@ impl Changelog {
         }
     }
 
-    /// Up to `limit` frozen customers of the partitions `which` selects (copied out, so
-    /// the list is not locked while they are encoded).
-    fn frozen_ids(&self, which: impl Fn(i32) -> bool, limit: usize) -> Vec<Box<str>> {
+    /// Up to `limit` frozen customers that `which` selects by partition number and
+    /// checkpoint id (copied out, so the list is not locked while they are encoded).
+    fn frozen_ids(&self, which: impl Fn(i32, u64) -> bool, limit: usize) -> Vec<Box<str>> {
         self.frozen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, (number, _))| which(*number))
+            .filter(|(_, (number, checkpoint))| which(*number, *checkpoint))
             .take(limit)
             .map(|(customer, _)| customer.clone())
             .collect()
@@ -644,7 +671,7 @@ fn encode_in_background(changelog: &Weak<Changelog>) {
         let Some(changelog) = changelog.upgrade() else {
             return;
         };
-        let batch = changelog.frozen_ids(|_| true, BATCH);
+        let batch = changelog.frozen_ids(|_, _| true, BATCH);
         if batch.is_empty() {
             return;
         }
@@ -657,8 +684,8 @@ fn encode_in_background(changelog: &Weak<Changelog>) {
 /// Starts the thread (`changelog-enc`) that encodes deferred checkpoints' frozen
 /// customers of `changelog`, at a lower CPU priority than the consume loop: the copies
 /// are not urgent (a customer written to first is encoded by the loop's write hook, and
-/// the next checkpoint encodes the rest), so on busy cores the loop and the clients'
-/// threads run first. Returns what wakes it, or `None` if no thread could be started
+/// a checkpoint taken while [`ENCODER_LAG`] of its partition's wait encodes the oldest's
+/// rest), so on busy cores the loop and the clients' threads run first. Returns what wakes it, or `None` if no thread could be started
 /// (checkpoints are then encoded on the consume loop).
 fn start_encoder(changelog: Weak<Changelog>) -> Option<mpsc::Sender<()>> {
     let (wake, woken) = mpsc::channel::<()>();
@@ -841,6 +868,32 @@ mod tests {
         assert_runs_below_normal_priority("changelog-enc");
     }
 
+    /// The encoder thread may fall behind by [`ENCODER_LAG`] of a partition's checkpoints,
+    /// no more: taking one beyond that has the loop encode the oldest waiting one. The
+    /// first checkpoint is large, so the thread is still at it while three small ones
+    /// follow; each round's customers are new, so no write hook encodes an earlier one's.
+    #[test]
+    fn no_more_checkpoints_than_the_lag_wait_for_the_encoder() {
+        let (engine, changelog) = seen_engine();
+        let partitions: Partitions = Arc::default();
+        let tracker = OffsetTracker::new();
+        let sizes = [20_000, 1, 1, 1];
+        for (round, size) in (1..).zip(sizes) {
+            let customers: Vec<String> = (0..size).map(|i| format!("c-{round}-{i}")).collect();
+            let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
+            page_views(&engine, &partitions, &customers, round * 1_000);
+            changelog.checkpoint(&[0], &partitions, &tracker, true);
+            assert!(
+                changelog.oldest_encoding(0, ENCODER_LAG + 1).is_none(),
+                "round {round}: more than {ENCODER_LAG} checkpoints wait"
+            );
+        }
+        changelog.encode_frozen(|_, _| true);
+        let recorded = recorded_events(&changelog);
+        let recorded: Vec<usize> = recorded.iter().map(HashMap::len).collect();
+        assert_eq!(recorded, sizes, "every checkpoint whole");
+    }
+
     /// Deferred checkpoints' records hold each customer as it was at its checkpoint,
     /// whether the background copy or the write hook (a customer written to first)
     /// encoded it — also when the next checkpoint comes before the copy is done; a
@@ -862,7 +915,7 @@ mod tests {
         page_views(&engine, &partitions, half, 2_000);
         changelog.checkpoint(&[0], &partitions, &tracker, true);
         page_views(&engine, &partitions, half, 3_000);
-        changelog.encode_frozen(|_| true);
+        changelog.encode_frozen(|_, _| true);
         let recorded = recorded_events(&changelog);
         assert_eq!(recorded.len(), 2, "two checkpoints");
         assert_eq!(recorded[0].len(), customers.len());
