@@ -15,8 +15,9 @@ use std::borrow::Cow;
 use super::json::{Json, Object};
 use super::scan::Reader;
 use super::{
-    Event, InvalidEvent, InvalidReason, PropValue, Props, carries_money, customer_id, item_lines,
-    items, lookup, money, opt_object, opt_str, revenue, scalar_props, stable_hash, timestamp,
+    ContextDigest, Event, InvalidEvent, InvalidReason, PropValue, Props, carries_money,
+    customer_id, item_lines, items, lookup, money, opt_object, opt_str, revenue, scalar_props,
+    stable_hash, timestamp,
 };
 use crate::time;
 
@@ -59,6 +60,7 @@ pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
         properties: scalar_props(properties),
         items,
         context: scalar_props(opt_object(&object, "context")?),
+        context_digest: ContextDigest::default(),
         traits: scalar_props(traits),
         revenue,
         partition: 0,
@@ -82,6 +84,7 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
     let mut session_id = None;
     let mut properties = Properties::default();
     let mut context = Props::new();
+    let mut context_digest = ContextDigest::default();
     let mut traits = None;
     reader.members(1, |reader, key| {
         let bit = match key {
@@ -136,7 +139,12 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
             }
             // Native context and traits are flat; nested ones are usually the Segment spec's
             // (whose context comes first), and are left to the document as soon as seen.
-            "context" => context = scalar_members(reader, |_, _| None)?.unwrap_or_default(),
+            "context" => {
+                reader.peek()?;
+                let start = reader.offset();
+                context = scalar_members(reader, |_, _| None)?.unwrap_or_default();
+                context_digest = ContextDigest(stable_hash(reader.text_since(start)));
+            }
             _ => traits = scalar_members(reader, |_, _| None)?,
         }
         Some(())
@@ -182,6 +190,7 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
         properties: properties.scalars,
         items,
         context,
+        context_digest,
         traits,
         revenue,
         partition: 0,

@@ -44,6 +44,16 @@ impl<'a> Reader<'a> {
         self.at == self.text.len()
     }
 
+    /// Where the reader is in the text (after [`Reader::peek`]: at the next token).
+    pub(super) fn offset(&self) -> usize {
+        self.at
+    }
+
+    /// The bytes read since `start`, an earlier [`Reader::offset`].
+    pub(super) fn text_since(&self, start: usize) -> &'a [u8] {
+        &self.bytes()[start..self.at]
+    }
+
     /// The text as bytes (every token is ASCII).
     fn bytes(&self) -> &'a [u8] {
         self.text.as_bytes()

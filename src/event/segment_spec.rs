@@ -8,8 +8,8 @@
 use super::Text;
 use super::json::Object;
 use super::{
-    Event, InvalidEvent, InvalidReason, Props, carries_money, customer_id, items, opt_object,
-    opt_str, revenue, scalar_props, stable_hash, timestamp,
+    ContextDigest, Event, InvalidEvent, InvalidReason, Props, carries_money, customer_id, items,
+    opt_object, opt_str, revenue, scalar_props, stable_hash, timestamp,
 };
 
 /// Whether an object is a Segment-spec call rather than a native event. The spec's
@@ -74,6 +74,7 @@ pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
         properties: scalar_props(properties),
         items,
         context: flat_context(context)?,
+        context_digest: ContextDigest::default(),
         traits: scalar_props(opt_object(&object, "traits")?),
         revenue,
         partition: 0,

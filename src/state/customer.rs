@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::recent::{RECENT_EVENT_IDS, RecentKeys};
 use super::slots::SlotState;
-use crate::event::{Event, Item, Props, Text, lookup, upsert};
+use crate::event::{ContextDigest, Event, Item, Props, Text, lookup, upsert};
 use crate::time::{Millis, format_timestamp};
 
 /// The bits of an event's dedup key a customer keeps: 49, the most a 7-byte varint holds
@@ -56,6 +56,10 @@ pub struct CustomerState {
     /// The latest context seen (device, country, city, utm_source, …); latest wins per key
     /// (by event time: an out-of-order event fills only keys not yet known).
     pub context: Props,
+    /// The digest of the context applied last as the latest, while `context` holds all
+    /// of it (0: none known); not stored.
+    #[serde(skip)]
+    pub context_digest: ContextDigest,
     /// How often each category was viewed or added to the cart.
     pub categories: Vec<(Text, u32)>,
     /// Dedup keys of the most recent events (their low bits: `KEPT_KEY_MASK`), a ring: a
@@ -202,8 +206,17 @@ impl CustomerState {
         c.events += 1;
 
         self.update_session(event, session_gap);
-        for (key, value) in &event.context {
-            remember(&mut self.context, key, value, latest);
+        // The context applied last as the latest, again (whatever this event's time):
+        // every key is there with that value, and applying it would change nothing.
+        let digest = event.context_digest.0;
+        if digest == 0 || digest != self.context_digest.0 {
+            for (key, value) in &event.context {
+                remember(&mut self.context, key, value, latest);
+            }
+            // An older event only fills keys in, so the latest's digest still holds.
+            if latest {
+                self.context_digest = ContextDigest(digest);
+            }
         }
         match &*event.event_type {
             "add_to_cart" => self.add_to_cart(event),
@@ -606,5 +619,35 @@ mod tests {
             older.check_and_remember(whole),
             "a whole key written before"
         );
+    }
+
+    proptest::proptest! {
+        /// A context skipped by its digest is one that would have changed nothing: events
+        /// whose contexts repeat (a pool of four, one a subset of another), in any time
+        /// order, leave the same context whether skipped or applied every time.
+        #[test]
+        fn a_context_skipped_by_its_digest_would_have_changed_nothing(
+            events in proptest::collection::vec((0..4_usize, 0..40_i64), 1..40)
+        ) {
+            const CONTEXTS: [&str; 4] = [
+                r#"{"device":"mobile","country":"DE"}"#,
+                r#"{"device":"desktop","country":"DE"}"#,
+                r#"{"country":"FR"}"#,
+                r#"{"device":"mobile","country":"DE","city":"Berlin"}"#,
+            ];
+            let gap = 30 * MINUTE;
+            let (mut skipping, mut applying) = (CustomerState::default(), CustomerState::default());
+            for (i, (context, ts)) in events.into_iter().enumerate() {
+                let mut event = event(&format!(
+                    r#"{{"type":"page_view","customer_id":"c","event_id":"e-{i}","ts":{ts},"context":{}}}"#,
+                    CONTEXTS[context]
+                ));
+                proptest::prop_assert_ne!(event.context_digest.0, 0, "read directly");
+                skipping.apply_builtin(&event, gap);
+                event.context_digest = ContextDigest::default();
+                applying.apply_builtin(&event, gap);
+                proptest::prop_assert_eq!(&skipping.context, &applying.context);
+            }
+        }
     }
 }
