@@ -688,8 +688,9 @@ fn encode_in_background(changelog: &Weak<Changelog>) {
 /// customers of `changelog`, at a lower CPU priority than the consume loop: the copies
 /// are not urgent (a customer written to first is encoded by the loop's write hook, and
 /// a checkpoint taken while [`ENCODER_LAG`] of its partition's wait encodes the oldest's
-/// rest), so on busy cores the loop and the clients' threads run first. Returns what wakes it, or `None` if no thread could be started
-/// (checkpoints are then encoded on the consume loop).
+/// rest), so on busy cores the loop and the clients' threads run first. Returns what
+/// wakes it, or `None` if no thread could be started (checkpoints are then encoded on the
+/// consume loop).
 fn start_encoder(changelog: Weak<Changelog>) -> Option<mpsc::Sender<()>> {
     let (wake, woken) = mpsc::channel::<()>();
     let started = std::thread::Builder::new()
