@@ -134,6 +134,11 @@ fn main() -> anyhow::Result<()> {
     let config_text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let config = Config::from_toml_only(&config_text, &args.config.display().to_string())?;
+    ensure!(
+        (0.0..=1.0).contains(&args.relay_share),
+        "--relay-share is a share of the events, from 0 to 1 (got {})",
+        args.relay_share
+    );
     if let Some(brokers) = &args.relay_for {
         return relay(brokers, &config, args.relay_share);
     }
