@@ -58,13 +58,12 @@ use clap::Parser;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use segmentd::cli::generate::{EventClock, Pace, TopicSink, pump};
 use segmentd::config::Config;
-use segmentd::emit::producer::create_producer;
+use segmentd::emit::producer::{create_producer, send_blocking};
 use segmentd::generate::{Format, Generated, Generator, GeneratorConfig};
 use segmentd::time::{format_timestamp, parse_timestamp, wall_clock_now};
 
@@ -702,19 +701,10 @@ fn relay(brokers: &str, config: &Config, share: f64) -> anyhow::Result<()> {
             r#"{{"cause":{{"kind":"event","event_id":"{id}"}},"emitted_at":"{}"}}"#,
             format_timestamp(wall_clock_now())
         );
-        let mut record = BaseRecord::to(&config.kafka.output_topic)
+        let record = BaseRecord::to(&config.kafka.output_topic)
             .key(key)
             .payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((error, _)) => return Err(error.into()),
-            }
-        }
+        send_blocking(&producer, record)?;
     }
 }
 

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
+use crate::emit::producer::send_blocking;
 use crate::generate::{Format, Generator, GeneratorConfig};
 use crate::time::{HumanDuration, Millis, parse_timestamp, wall_clock_now};
 
@@ -220,17 +220,8 @@ impl TopicSink {
 
     /// Sends one message keyed by customer id, waiting while the producer's queue is full.
     pub fn send(&self, key: &str, payload: &[u8]) -> anyhow::Result<()> {
-        let mut record = BaseRecord::to(&self.topic).key(key).payload(payload);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    record = returned;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((err, _)) => return Err(err).context("cannot produce"),
-            }
-        }
+        let record = BaseRecord::to(&self.topic).key(key).payload(payload);
+        send_blocking(&self.producer, record).context("cannot produce")
     }
 
     /// Waits for every message to be acknowledged; returns how many failed.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
@@ -31,6 +32,30 @@ pub fn create_producer<C: ProducerContext>(
         config.set(key, value);
     }
     config.create_with_context(context)
+}
+
+/// Hands a record to the producer from a thread that may block (not the consume loop),
+/// waiting while its queue is full (backpressure).
+pub fn send_blocking<C, K, P>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, K, P, C::DeliveryOpaque>,
+) -> Result<(), KafkaError>
+where
+    C: ProducerContext,
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                // The queue drains as the brokers acknowledge; give them a moment.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((err, _)) => return Err(err),
+        }
+    }
 }
 
 /// Hands a record to the producer, waiting while its queue is full (backpressure).

@@ -58,13 +58,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 
 use super::delivery::Ticket;
 use super::offsets::{OffsetTracker, PartitionKey};
 use super::{IngestContext, Partitions};
+use crate::emit::producer::send_blocking;
 use crate::engine::Engine;
 use crate::state::CustomerState;
 use crate::state::codec::{RulesDictionary, Summary, encode};
@@ -733,24 +734,6 @@ fn lower_priority() {
 /// The changelog key of the rules dictionary with `fingerprint`.
 pub fn dictionary_key(fingerprint: u64) -> String {
     format!("{DICTIONARY_PREFIX}{fingerprint:016x}")
-}
-
-/// Hands a record to the producer from a thread that may block (the sender thread),
-/// waiting while the producer's queue is full.
-fn send_blocking<C: ProducerContext<DeliveryOpaque = Box<Ticket>>>(
-    producer: &ThreadedProducer<C>,
-    mut record: BaseRecord<'_, [u8], [u8], Box<Ticket>>,
-) -> Result<(), KafkaError> {
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                record = returned;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((err, _)) => return Err(err),
-        }
-    }
 }
 
 #[cfg(test)]
