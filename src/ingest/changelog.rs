@@ -80,6 +80,11 @@ const STALLED: Duration = Duration::from_secs(10);
 /// commits behind them) never lag far and the loop never stalls for more than that.
 const ENCODER_LAG: usize = 2;
 
+/// How long [`Changelog::encode_frozen`] waits for customers the encoder thread is
+/// encoding at that moment (microseconds each; this bounds the wait should the thread be
+/// kept off the CPU).
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(1);
+
 /// The pseudo topic under which idle partitions' timer changes are tracked: they answer
 /// to no input message, but a checkpoint must wait for them too.
 pub const TIMER_TOPIC: &str = "(timer)";
@@ -461,6 +466,10 @@ impl Changelog {
             let value = self.encode_state(&checkpoint.named, state);
             checkpoint.records.push((customer, value));
         }
+        if checkpoint.unencoded == 0 {
+            // Whole: `encode_frozen` may be waiting for it.
+            self.settled.notify_all();
+        }
     }
 
     /// The id of partition `number`'s oldest checkpoint still being encoded, if at least
@@ -478,13 +487,35 @@ impl Changelog {
 
     /// Encodes the frozen customers that `which` selects by partition number and
     /// checkpoint id, now (each under its own lock, like the write hook, so the two never
-    /// encode one twice).
+    /// encode one twice); returns once those checkpoints are whole. A customer the encoder
+    /// thread had already taken from the frozen list is still being encoded by it: that
+    /// is waited for (a few microseconds, unless the thread was preempted), for at most
+    /// [`IN_FLIGHT_WAIT`].
     fn encode_frozen(&self, which: impl Fn(i32, u64) -> bool) {
-        if self.frozen_count.load(Ordering::Relaxed) == 0 {
-            return;
+        if self.frozen_count.load(Ordering::Relaxed) > 0 {
+            for customer in self.frozen_ids(&which, usize::MAX) {
+                self.encode_one(&customer);
+            }
         }
-        for customer in self.frozen_ids(which, usize::MAX) {
-            self.encode_one(&customer);
+        let deadline = Instant::now() + IN_FLIGHT_WAIT;
+        let mut logs = self.lock();
+        while logs.iter().any(|(&number, log)| {
+            log.checkpoints
+                .iter()
+                .any(|checkpoint| checkpoint.unencoded > 0 && which(number, checkpoint.id))
+        }) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    "A changelog checkpoint was still being encoded after {IN_FLIGHT_WAIT:?}; it is sent once whole."
+                );
+                return;
+            }
+            logs = self
+                .settled
+                .wait_timeout(logs, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
