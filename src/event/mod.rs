@@ -13,6 +13,7 @@ pub mod native;
 mod scan;
 pub mod segment_spec;
 
+use std::borrow::Cow;
 use std::hash::{BuildHasher, Hasher};
 
 use serde::{Deserialize, Serialize};
@@ -49,10 +50,7 @@ pub struct Event {
     /// empty for other types.
     pub items: Vec<Item>,
     /// Where the event came from: device, country, city, utm_source, user agent, ….
-    pub context: Props,
-    /// A digest of `context` as it was written, when known: lets a customer's state skip
-    /// a context it applied last (see [`ContextDigest`]).
-    pub context_digest: ContextDigest,
+    pub context: Context,
     /// Profile traits sent with `identify`.
     pub traits: Props,
     /// Money of a purchase or refund: `revenue`, else `total`, else the sum of its items.
@@ -69,13 +67,59 @@ impl Event {
     }
 }
 
-/// A digest of an event's context object as it was written (its JSON text), or 0 when
-/// not known (an event read through a document: the Segment spec, or a native event out
-/// of the common case). A customer's state keeps the digest of the context it applied
-/// last as the latest: most events repeat their customer's context, and applying an
-/// equal one again (each key looked up in the state, its value compared) changes
-/// nothing. Derived from the context: two events or states equal in everything else are
-/// equal whatever it says.
+/// An event's context: where it came from (device, country, city, …).
+#[derive(Clone, Debug)]
+pub enum Context {
+    /// Its members, read with the rest of the event (a document: the Segment spec, or a
+    /// native event out of the common case).
+    Members(Props),
+    /// A native event's context as written — a flat JSON object of scalars with no key
+    /// repeated, checked when the event was read — and a digest of that text. Its members
+    /// are read only if a customer's state takes them: most events repeat their
+    /// customer's context, and a state skips the one it applied last ([`ContextDigest`]).
+    Text {
+        /// The object's JSON text.
+        json: Box<str>,
+        /// [`stable_hash`] of `json`.
+        digest: u64,
+    },
+}
+
+impl Context {
+    /// The members, in order (read from the text when kept as text).
+    pub fn members(&self) -> Cow<'_, Props> {
+        match self {
+            Context::Members(props) => Cow::Borrowed(props),
+            Context::Text { json, .. } => Cow::Owned(native::context_members(json)),
+        }
+    }
+
+    /// The digest of the text as written, or 0 when it was not kept.
+    pub fn digest(&self) -> u64 {
+        match self {
+            Context::Members(_) => 0,
+            Context::Text { digest, .. } => *digest,
+        }
+    }
+}
+
+impl Default for Context {
+    fn default() -> Context {
+        Context::Members(Props::new())
+    }
+}
+
+/// Two contexts are equal when their members are, however each was kept.
+impl PartialEq for Context {
+    fn eq(&self, other: &Self) -> bool {
+        self.members() == other.members()
+    }
+}
+
+/// The digest of the context a customer's state applied last as the latest
+/// ([`Context::digest`]; 0: none). Applying an equal context again (each key looked up
+/// in the state, its value compared) would change nothing, so the state skips it. Derived
+/// from the context: two states equal in everything else are equal whatever it says.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ContextDigest(pub u64);
 

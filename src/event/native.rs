@@ -15,9 +15,9 @@ use std::borrow::Cow;
 use super::json::{Json, Object};
 use super::scan::Reader;
 use super::{
-    ContextDigest, Event, InvalidEvent, InvalidReason, PropValue, Props, carries_money,
-    customer_id, item_lines, items, lookup, money, opt_object, opt_str, revenue, scalar_props,
-    stable_hash, timestamp,
+    Context, Event, InvalidEvent, InvalidReason, PropValue, Props, carries_money, customer_id,
+    item_lines, items, lookup, money, opt_object, opt_str, revenue, scalar_props, stable_hash,
+    timestamp, upsert,
 };
 use crate::time;
 
@@ -59,8 +59,7 @@ pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
         session_id: opt_str(&object, "session_id")?.map(Into::into),
         properties: scalar_props(properties),
         items,
-        context: scalar_props(opt_object(&object, "context")?),
-        context_digest: ContextDigest::default(),
+        context: Context::Members(scalar_props(opt_object(&object, "context")?)),
         traits: scalar_props(traits),
         revenue,
         partition: 0,
@@ -83,8 +82,7 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
     let mut event_id = None;
     let mut session_id = None;
     let mut properties = Properties::default();
-    let mut context = Props::new();
-    let mut context_digest = ContextDigest::default();
+    let mut context = Context::default();
     let mut traits = None;
     reader.members(1, |reader, key| {
         let bit = match key {
@@ -139,11 +137,18 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
             }
             // Native context and traits are flat; nested ones are usually the Segment spec's
             // (whose context comes first), and are left to the document as soon as seen.
+            // The context is checked here, and its members read only if a customer's state
+            // takes them (`Context::Text`).
             "context" => {
                 reader.peek()?;
                 let start = reader.offset();
-                context = scalar_members(reader, |_, _| None)?.unwrap_or_default();
-                context_digest = ContextDigest(stable_hash(reader.text_since(start)));
+                if walk_members(reader, |_, value| (!is_container(&value)).then_some(()))? {
+                    let json = reader.text_since(start);
+                    context = Context::Text {
+                        digest: stable_hash(json.as_bytes()),
+                        json: json.into(),
+                    };
+                }
             }
             _ => traits = scalar_members(reader, |_, _| None)?,
         }
@@ -190,7 +195,6 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
         properties: properties.scalars,
         items,
         context,
-        context_digest,
         traits,
         revenue,
         partition: 0,
@@ -209,34 +213,77 @@ struct Properties<'a> {
 /// The most members [`scalar_members`] reads in one object (more: left to the document).
 const MAX_DIRECT_MEMBERS: usize = 32;
 
-/// Reads the value at `reader` as an object of properties (two levels deep), keeping its
+/// Walks the value at `reader` as an object of properties (two levels deep), handing
+/// `each` every member's key and value as written (a key may repeat). `Some(true)` for an
+/// object, `Some(false)` for `null`; `None` for anything else, more than
+/// [`MAX_DIRECT_MEMBERS`] members, or a `None` from `each`.
+fn walk_members<'a>(
+    reader: &mut Reader<'a>,
+    mut each: impl FnMut(&'a str, Json<'a>) -> Option<()>,
+) -> Option<bool> {
+    if reader.peek()? == b'n' {
+        return matches!(reader.value(1)?, Json::Null).then_some(false);
+    }
+    let mut count = 0;
+    reader.members(2, |reader, key| {
+        count += 1;
+        if count > MAX_DIRECT_MEMBERS {
+            return None;
+        }
+        // Text, most values, read without going through every JSON type.
+        let value = if reader.peek()? == b'"' {
+            Json::Str(Cow::Borrowed(reader.string()?))
+        } else {
+            reader.value(2)?
+        };
+        each(key, value)
+    })?;
+    Some(true)
+}
+
+/// Reads the value at `reader` as an object of properties ([`walk_members`]), keeping its
 /// scalar members in order and handing each container member to `container`. `Some(None)`
-/// for `null`; `None` for anything else, a repeated key, or more than
-/// [`MAX_DIRECT_MEMBERS`] members.
+/// for `null`; `None` where a key repeats.
 fn scalar_members<'a>(
     reader: &mut Reader<'a>,
     mut container: impl FnMut(&'a str, Json<'a>) -> Option<()>,
 ) -> Option<Option<Props>> {
-    if reader.peek()? == b'n' {
-        return matches!(reader.value(1)?, Json::Null).then_some(None);
-    }
-    // Room for the usual few members at once, not grown from empty push by push.
-    let mut props = Props::with_capacity(4);
+    let mut props = Props::new();
     let mut keys = [""; MAX_DIRECT_MEMBERS];
     let mut count = 0;
-    reader.members(2, |reader, key| {
-        if count == keys.len() || keys[..count].contains(&key) {
+    let object = walk_members(reader, |key, value| {
+        if keys[..count].contains(&key) {
             return None;
         }
         keys[count] = key;
         count += 1;
-        match PropValue::from_json_owned(reader.value(2)?) {
-            Ok(scalar) => props.push((key.into(), scalar)),
-            Err(nested) => container(key, nested)?,
+        match PropValue::from_json_owned(value) {
+            Ok(scalar) => {
+                props.push((key.into(), scalar));
+                Some(())
+            }
+            Err(nested) => container(key, nested),
         }
-        Some(())
     })?;
-    Some(Some(props))
+    Some(object.then_some(props))
+}
+
+/// The members of a context kept as text ([`Context::Text`]; [`read_direct`] checked it:
+/// a flat object of scalars). A key written again replaces the value where the key first
+/// stood, as in a document.
+pub(super) fn context_members(json: &str) -> Props {
+    let mut props = Props::new();
+    walk_members(&mut Reader::new(json), |key, value| {
+        let scalar = PropValue::from_json_owned(value).ok()?;
+        upsert(&mut props, key, &scalar, true, MAX_DIRECT_MEMBERS);
+        Some(())
+    });
+    props
+}
+
+/// Whether a value is an array or an object.
+fn is_container(value: &Json<'_>) -> bool {
+    matches!(value, Json::Array(_) | Json::Object(_))
 }
 
 /// The text of a string value as the reader found it.
@@ -266,7 +313,7 @@ mod tests {
 
     use super::read_direct;
     use crate::event::json::Json;
-    use crate::event::{InvalidReason, PropValue, from_document, parse_event};
+    use crate::event::{Context, InvalidReason, PropValue, from_document, parse_event};
     use crate::generate::{Format, Generator, GeneratorConfig};
     use crate::time::parse_timestamp;
 
@@ -294,7 +341,7 @@ mod tests {
             Some("shoes")
         );
         assert_eq!(
-            crate::event::lookup(&event.context, "country"),
+            crate::event::lookup(&event.context.members(), "country"),
             Some(&PropValue::Str("DE".into()))
         );
     }
@@ -489,6 +536,28 @@ mod tests {
                 prop_assert_eq!(Ok(direct), from_document(Json::parse_text(&text)), "{}", text);
             }
         }
+    }
+
+    /// A context is kept as its text and read only when needed; a key written twice
+    /// keeps its first place and its last value, as the document reads it.
+    #[test]
+    fn a_context_kept_as_text_reads_as_the_document_reads_it() {
+        let text = r#"{"type":"page_view","customer_id":"c","ts":0,
+            "context":{"device":"mobile","country":"DE","device":"desktop","n":1.5,"ok":null}}"#;
+        let direct = read_direct(text).expect("read directly");
+        assert!(
+            matches!(&direct.context, Context::Text { digest, .. } if *digest != 0),
+            "{:?}",
+            direct.context
+        );
+        let members = direct.context.members();
+        let keys: Vec<&str> = members.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(keys, ["device", "country", "n", "ok"]);
+        assert_eq!(members[0].1, PropValue::Str("desktop".into()));
+        assert_eq!(Ok(&direct), from_document(Json::parse_text(text)).as_ref());
+
+        let nested = r#"{"type":"page_view","customer_id":"c","ts":0,"context":{"app":{"v":1}}}"#;
+        assert_eq!(read_direct(nested), None, "a nested context is the document's");
     }
 
     #[test]

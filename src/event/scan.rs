@@ -49,9 +49,10 @@ impl<'a> Reader<'a> {
         self.at
     }
 
-    /// The bytes read since `start`, an earlier [`Reader::offset`].
-    pub(super) fn text_since(&self, start: usize) -> &'a [u8] {
-        &self.bytes()[start..self.at]
+    /// The text read since `start`, an earlier [`Reader::offset`] (both at tokens, so at
+    /// character boundaries).
+    pub(super) fn text_since(&self, start: usize) -> &'a str {
+        &self.text[start..self.at]
     }
 
     /// The text as bytes (every token is ASCII).
@@ -162,7 +163,7 @@ impl<'a> Reader<'a> {
 
     /// A string without escapes or control characters, at the opening quote; returns its
     /// contents.
-    fn string(&mut self) -> Option<&'a str> {
+    pub(super) fn string(&mut self) -> Option<&'a str> {
         let start = self.at + 1;
         let end = start + find_quote_escape_or_control(&self.bytes()[start..])?;
         if self.bytes()[end] != b'"' {

@@ -8,7 +8,7 @@
 use super::Text;
 use super::json::Object;
 use super::{
-    ContextDigest, Event, InvalidEvent, InvalidReason, Props, carries_money, customer_id, items,
+    Context, Event, InvalidEvent, InvalidReason, Props, carries_money, customer_id, items,
     opt_object, opt_str, revenue, scalar_props, stable_hash, timestamp,
 };
 
@@ -73,8 +73,7 @@ pub fn from_object(object: Object<'_>) -> Result<Event, InvalidEvent> {
         session_id: session_id(properties, context)?,
         properties: scalar_props(properties),
         items,
-        context: flat_context(context)?,
-        context_digest: ContextDigest::default(),
+        context: Context::Members(flat_context(context)?),
         traits: scalar_props(opt_object(&object, "traits")?),
         revenue,
         partition: 0,
@@ -220,19 +219,19 @@ mod tests {
         assert_eq!(event.revenue, Some(30.0));
         assert_eq!(event.items[0].category.as_deref(), Some("shoes"));
         assert_eq!(
-            lookup(&event.context, "device"),
+            lookup(&event.context.members(), "device"),
             Some(&PropValue::Str("mobile".into()))
         );
         assert_eq!(
-            lookup(&event.context, "country"),
+            lookup(&event.context.members(), "country"),
             Some(&PropValue::Str("DE".into()))
         );
         assert_eq!(
-            lookup(&event.context, "utm_source"),
+            lookup(&event.context.members(), "utm_source"),
             Some(&PropValue::Str("email".into()))
         );
         assert_eq!(
-            lookup(&event.context, "user_agent"),
+            lookup(&event.context.members(), "user_agent"),
             Some(&PropValue::Str("Mozilla".into()))
         );
     }
