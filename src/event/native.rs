@@ -248,7 +248,8 @@ fn scalar_members<'a>(
     reader: &mut Reader<'a>,
     mut container: impl FnMut(&'a str, Json<'a>) -> Option<()>,
 ) -> Option<Option<Props>> {
-    let mut props = Props::new();
+    // Room for the usual few members at once: growing from empty costs more.
+    let mut props = Props::with_capacity(4);
     let mut keys = [""; MAX_DIRECT_MEMBERS];
     let mut count = 0;
     let object = walk_members(reader, |key, value| {
