@@ -41,6 +41,13 @@
 //!    The history is preloaded as for segmentd (the broker holds the same batches), then
 //!    the fixed-rate phase runs; there is no throughput or saturation phase.
 //!
+//! **Rounds and comparisons.** `--rounds N` runs all of it N times, each on a fresh broker,
+//! and ends with each figure's median and spread over the rounds. `--against BINARY`
+//! and/or `--against-config FILE` measure a second segmentd (another build, other
+//! settings) in the same rounds, alternating with the first (each goes first in every
+//! other round), and add the median of the rounds' ratios: on a shared, noisy machine a
+//! comparison holds only when measured side by side.
+//!
 //! Everything runs on one 2-core machine: broker, producer, consumer and segmentd share
 //! it, as SPEC §6's end-to-end targets say. Results and commands: BENCHMARKS.md.
 
@@ -117,6 +124,20 @@ struct Args {
     /// Where the broker's and segmentd's logs go.
     #[arg(long, default_value = "target/e2e")]
     logs: PathBuf,
+    /// How many times to run it all, each time on a fresh broker; with more than one, a
+    /// summary of each figure's median and spread follows.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// The segmentd binary measured (default: the one built with this harness).
+    #[arg(long)]
+    segmentd: Option<PathBuf>,
+    /// A second segmentd binary, measured in the same rounds, alternating with the first.
+    #[arg(long)]
+    against: Option<PathBuf>,
+    /// A configuration for the second run (the same topics; with `--against` or alone,
+    /// then with the first binary).
+    #[arg(long)]
+    against_config: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -130,18 +151,103 @@ use process::{Guard, free_port, spawn_tansu};
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.logs)?;
-    let config_text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("cannot read {}", args.config.display()))?;
-    let config = Config::from_toml_only(&config_text, &args.config.display().to_string())?;
     ensure!(
         (0.0..=1.0).contains(&args.relay_share),
         "--relay-share is a share of the events, from 0 to 1 (got {})",
         args.relay_share
     );
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_segmentd"));
+    let first = Variant::new(
+        "A",
+        args.segmentd.clone().unwrap_or(built),
+        args.config.clone(),
+    )?;
     if let Some(brokers) = &args.relay_for {
-        return relay(brokers, &config, args.relay_share);
+        return relay(brokers, &first.config, args.relay_share);
     }
+    ensure!(args.rounds >= 1, "--rounds is at least 1");
+    let second = match (&args.against, &args.against_config) {
+        (None, None) => None,
+        (binary, config) => Some(Variant::new(
+            "B",
+            binary.clone().unwrap_or_else(|| first.binary.clone()),
+            config.clone().unwrap_or_else(|| first.config_path.clone()),
+        )?),
+    };
+    if let Some(second) = &second {
+        ensure!(
+            !args.relay,
+            "--relay measures the relay alone: no --against with it"
+        );
+        let (a, b) = (&first.config.kafka, &second.config.kafka);
+        ensure!(
+            (&a.input_topics, &a.output_topic, &a.dead_letter_topic)
+                == (&b.input_topics, &b.output_topic, &b.dead_letter_topic),
+            "--against-config must name the same topics as --config"
+        );
+    }
+    let variants: Vec<&Variant> = std::iter::once(&first).chain(second.as_ref()).collect();
+    let several = args.rounds > 1 || variants.len() > 1;
+    let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); variants.len()];
+    for round in 0..args.rounds as usize {
+        // Each goes first in every other round, so a machine that slows down or speeds up
+        // through the run does not favour one.
+        for turn in 0..variants.len() {
+            let index = (turn + round) % variants.len();
+            if several {
+                println!(
+                    "== round {}/{}, {}",
+                    round + 1,
+                    args.rounds,
+                    variants[index]
+                );
+            }
+            measured[index].push(run_round(&args, variants[index])?);
+        }
+    }
+    if several {
+        print_summary(&args, &variants, &measured);
+    }
+    Ok(())
+}
 
+/// A segmentd under measurement: its binary and its configuration.
+struct Variant {
+    label: &'static str,
+    binary: PathBuf,
+    config_path: PathBuf,
+    config: Config,
+}
+
+impl Variant {
+    fn new(label: &'static str, binary: PathBuf, config_path: PathBuf) -> anyhow::Result<Variant> {
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?;
+        let config = Config::from_toml_only(&text, &config_path.display().to_string())?;
+        Ok(Variant {
+            label,
+            binary,
+            config_path,
+            config,
+        })
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} with {}",
+            self.label,
+            self.binary.display(),
+            self.config_path.display()
+        )
+    }
+}
+
+/// One round: a fresh broker with the topics, then the phases asked for.
+fn run_round(args: &Args, variant: &Variant) -> anyhow::Result<Measured> {
+    let config = &variant.config;
     let broker = Broker::start(&args.logs.join("tansu.log"))?;
     let mut topics: Vec<(&str, i32)> = config
         .kafka
@@ -159,7 +265,7 @@ fn main() -> anyhow::Result<()> {
         args.events,
         args.customers,
         args.partitions,
-        args.config.display(),
+        variant.config_path.display(),
         if args.relay {
             format!(
                 "; the relay in segmentd's place, share {}",
@@ -170,17 +276,99 @@ fn main() -> anyhow::Result<()> {
         }
     );
 
+    let mut measured = Measured::default();
     if !args.restore_only {
-        phases_1_to_3(&args, &config, &broker)?;
+        measured = phases_1_to_3(args, variant, &broker)?;
     }
     if args.restore_customers > 0 {
-        restore_phase(&args, &config, &broker)?;
+        restore_phase(args, variant, &broker)?;
     }
-    Ok(())
+    Ok(measured)
+}
+
+/// What a round measured, for the summary of several.
+#[derive(Clone, Default)]
+struct Measured {
+    /// Sustained throughput, events per second.
+    throughput: Option<f64>,
+    /// The fixed-rate latency phase.
+    fixed: Option<FixedRate>,
+}
+
+/// The fixed-rate phase's headline figures.
+#[derive(Clone, Copy)]
+struct FixedRate {
+    /// Event → change latency quantiles, ms.
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    /// The process's CPU while the events were sent, cores.
+    cores: f64,
+}
+
+/// Each figure's median and range over the rounds, per variant; with two, the median of
+/// the rounds' ratios (second / first).
+fn print_summary(args: &Args, variants: &[&Variant], measured: &[Vec<Measured>]) {
+    type Figure = fn(&Measured) -> Option<f64>;
+    let figures: [(&str, usize, Figure); 5] = [
+        ("throughput, events/s", 0, |m| m.throughput),
+        ("p50 at the fixed rate, ms", 1, |m| m.fixed.map(|f| f.p50)),
+        ("p99 at the fixed rate, ms", 1, |m| m.fixed.map(|f| f.p99)),
+        ("p99.9 at the fixed rate, ms", 1, |m| {
+            m.fixed.map(|f| f.p999)
+        }),
+        ("CPU at the fixed rate, cores", 2, |m| {
+            m.fixed.map(|f| f.cores)
+        }),
+    ];
+    println!(
+        "summary over {} rounds at {} events/s: median (min-max)",
+        args.rounds, args.rate
+    );
+    for (name, decimals, figure) in figures {
+        let mut line = format!("  {name}:");
+        for (variant, rounds) in variants.iter().zip(measured) {
+            let values: Vec<f64> = rounds.iter().filter_map(figure).collect();
+            if let (Some(median), Some(min), Some(max)) = (
+                median(&values),
+                values.iter().copied().reduce(f64::min),
+                values.iter().copied().reduce(f64::max),
+            ) {
+                line += &format!(
+                    " {} {median:.decimals$} ({min:.decimals$}-{max:.decimals$});",
+                    variant.label
+                );
+            }
+        }
+        if let [first, second] = measured {
+            let ratios: Vec<f64> = first
+                .iter()
+                .zip(second)
+                .filter_map(|(a, b)| Some(figure(b)? / figure(a)?))
+                .collect();
+            if let Some(ratio) = median(&ratios) {
+                line += &format!(" B/A {ratio:.3}");
+            }
+        }
+        println!("{}", line.trim_end_matches(';'));
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[middle]),
+        _ => Some((sorted[middle - 1] + sorted[middle]) / 2.0),
+    }
 }
 
 /// Throughput, then latency at a fixed rate and at saturation.
-fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Result<()> {
+fn phases_1_to_3(args: &Args, variant: &Variant, broker: &Broker) -> anyhow::Result<Measured> {
+    let config = &variant.config;
     let input = config.kafka.input_topics[0].clone();
     // Phase 1: a recorded history, one event per millisecond, ending now.
     let started = Instant::now();
@@ -212,13 +400,16 @@ fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
             &config.kafka.output_topic,
             args.client_wait_ms,
         )?;
-        let relay = Service::start_relay(args, broker)?;
+        let relay = Service::start_relay(args, variant, broker)?;
         relay.wait_until_relaying(broker, config, &output)?;
         let fixed = live_phase(broker, &relay, config, &output, 2, args, args.rate)?;
         fixed.print(&format!("at {} events/s", args.rate), 0);
-        return Ok(());
+        return Ok(Measured {
+            throughput: None,
+            fixed: fixed.figures(),
+        });
     }
-    let service = Service::start(args, broker, "segmentd-e2e", &[])?;
+    let service = Service::start(args, variant, broker, "segmentd-e2e", &[])?;
     let drained = service.drain(args.events, broker)?;
     println!(
         "throughput: {:.0} events/s over {:.1} s ({} events); CPU segmentd {:.2} cores \
@@ -254,13 +445,17 @@ fn phases_1_to_3(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
         rss / 1024,
         peak / 1024
     );
-    Ok(())
+    Ok(Measured {
+        throughput: Some(drained.events as f64 / drained.seconds),
+        fixed: fixed.figures(),
+    })
 }
 
 /// Phase 4: a fresh instance restoring `--restore-customers` customers through the
 /// broker.
-fn restore_phase(args: &Args, config: &Config, broker: &Broker) -> anyhow::Result<()> {
+fn restore_phase(args: &Args, variant: &Variant, broker: &Broker) -> anyhow::Result<()> {
     use segmentd::state::codec::{Snapshot, encode};
+    let config = &variant.config;
     const TOPIC: &str = "segmentd-e2e-restore-changelog";
     broker.create_topics(
         &[(TOPIC, args.partitions)],
@@ -307,6 +502,7 @@ fn restore_phase(args: &Args, config: &Config, broker: &Broker) -> anyhow::Resul
 
     let service = Service::start(
         args,
+        variant,
         broker,
         "segmentd-e2e-restore",
         &[("SEGMENTD_KAFKA__CHANGELOG_TOPIC", TOPIC)],
@@ -398,6 +594,17 @@ const COUNTERS: [&str; 2] = [
 ];
 
 impl LivePhase {
+    /// The headline figures, if any change arrived.
+    fn figures(&self) -> Option<FixedRate> {
+        let quantile = |q| Some(percentile(&self.latencies, q)? as f64 / 1000.0);
+        Some(FixedRate {
+            p50: quantile(0.50)?,
+            p99: quantile(0.99)?,
+            p999: quantile(0.999)?,
+            cores: self.segmentd_cpu / self.seconds,
+        })
+    }
+
     fn print(&self, label: &str, lateness_ms: i64) {
         println!(
             "latency {label}: offered {:.0} events/s for {:.0} s; {} changes ({:.3} per event): \
@@ -871,20 +1078,21 @@ struct Drained {
 }
 
 impl Service {
-    /// Starts `segmentd run` in consumer group `group`, with `env` overriding config keys;
-    /// its log goes to `{group}.log`.
+    /// Starts `variant`'s `segmentd run` in consumer group `group`, with `env` overriding
+    /// config keys; its log goes to `{group}.log`.
     fn start(
         args: &Args,
+        variant: &Variant,
         broker: &Broker,
         group: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Service> {
         let http = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(args.logs.join(format!("{group}.log")))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_segmentd"))
+        let child = Command::new(&variant.binary)
             .arg("run")
             .arg("--config")
-            .arg(&args.config)
+            .arg(&variant.config_path)
             .env("SEGMENTD_KAFKA__BROKERS", &broker.address)
             .env("SEGMENTD_KAFKA__GROUP_ID", group)
             .env("SEGMENTD_HTTP__LISTEN", &http)
@@ -892,7 +1100,7 @@ impl Service {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("cannot start segmentd")?;
+            .with_context(|| format!("cannot start {}", variant.binary.display()))?;
         Ok(Service {
             child: Guard(child),
             http: Some(http),
@@ -901,7 +1109,7 @@ impl Service {
 
     /// Starts the relay: this harness again, with `--relay-for`; its log goes to
     /// `relay.log`.
-    fn start_relay(args: &Args, broker: &Broker) -> anyhow::Result<Service> {
+    fn start_relay(args: &Args, variant: &Variant, broker: &Broker) -> anyhow::Result<Service> {
         let log = std::fs::File::create(args.logs.join("relay.log"))?;
         let child = Command::new(std::env::current_exe()?)
             .arg("--relay-for")
@@ -909,7 +1117,7 @@ impl Service {
             .arg("--relay-share")
             .arg(args.relay_share.to_string())
             .arg("--config")
-            .arg(&args.config)
+            .arg(&variant.config_path)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
