@@ -46,7 +46,8 @@
 //! and/or `--against-config FILE` measure a second segmentd (another build, other
 //! settings) in the same rounds, alternating with the first (each goes first in every
 //! other round), and add the median of the rounds' ratios: on a shared, noisy machine a
-//! comparison holds only when measured side by side.
+//! comparison holds only when measured side by side. `--against-relay` makes the relay
+//! (5.) the second: segmentd against the floor.
 //!
 //! Everything runs on one 2-core machine: broker, producer, consumer and segmentd share
 //! it, as SPEC §6's end-to-end targets say. Results and commands: BENCHMARKS.md.
@@ -138,6 +139,10 @@ struct Args {
     /// then with the first binary).
     #[arg(long)]
     against_config: Option<PathBuf>,
+    /// The relay (`--relay`, with `--relay-share`) as the second run: segmentd against
+    /// the floor, in the same rounds.
+    #[arg(long, conflicts_with_all = ["relay", "against", "against_config"])]
+    against_relay: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -161,17 +166,25 @@ fn main() -> anyhow::Result<()> {
         "A",
         args.segmentd.clone().unwrap_or(built),
         args.config.clone(),
+        args.relay,
     )?;
     if let Some(brokers) = &args.relay_for {
         return relay(brokers, &first.config, args.relay_share);
     }
     ensure!(args.rounds >= 1, "--rounds is at least 1");
     let second = match (&args.against, &args.against_config) {
+        _ if args.against_relay => Some(Variant::new(
+            "B",
+            first.binary.clone(),
+            first.config_path.clone(),
+            true,
+        )?),
         (None, None) => None,
         (binary, config) => Some(Variant::new(
             "B",
             binary.clone().unwrap_or_else(|| first.binary.clone()),
             config.clone().unwrap_or_else(|| first.config_path.clone()),
+            false,
         )?),
     };
     if let Some(second) = &second {
@@ -211,16 +224,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A segmentd under measurement: its binary and its configuration.
+/// What is measured: a segmentd (its binary and configuration), or the relay in its
+/// place (with that configuration's clients).
 struct Variant {
     label: &'static str,
     binary: PathBuf,
     config_path: PathBuf,
     config: Config,
+    relay: bool,
 }
 
 impl Variant {
-    fn new(label: &'static str, binary: PathBuf, config_path: PathBuf) -> anyhow::Result<Variant> {
+    fn new(
+        label: &'static str,
+        binary: PathBuf,
+        config_path: PathBuf,
+        relay: bool,
+    ) -> anyhow::Result<Variant> {
         let text = std::fs::read_to_string(&config_path)
             .with_context(|| format!("cannot read {}", config_path.display()))?;
         let config = Config::from_toml_only(&text, &config_path.display().to_string())?;
@@ -229,17 +249,22 @@ impl Variant {
             binary,
             config_path,
             config,
+            relay,
         })
     }
 }
 
 impl std::fmt::Display for Variant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let process = if self.relay {
+            "the relay".into()
+        } else {
+            self.binary.display().to_string()
+        };
         write!(
             f,
-            "{}: {} with {}",
+            "{}: {process} with {}",
             self.label,
-            self.binary.display(),
             self.config_path.display()
         )
     }
@@ -266,7 +291,7 @@ fn run_round(args: &Args, variant: &Variant) -> anyhow::Result<Measured> {
         args.customers,
         args.partitions,
         variant.config_path.display(),
-        if args.relay {
+        if variant.relay {
             format!(
                 "; the relay in segmentd's place, share {}",
                 args.relay_share
@@ -394,7 +419,7 @@ fn phases_1_to_3(args: &Args, variant: &Variant, broker: &Broker) -> anyhow::Res
         started.elapsed().as_secs_f64()
     );
 
-    if args.relay {
+    if variant.relay {
         let output = OutputReader::start(
             &broker.address,
             &config.kafka.output_topic,

@@ -558,7 +558,11 @@ mod tests {
         assert_eq!(Ok(&direct), from_document(Json::parse_text(text)).as_ref());
 
         let nested = r#"{"type":"page_view","customer_id":"c","ts":0,"context":{"app":{"v":1}}}"#;
-        assert_eq!(read_direct(nested), None, "a nested context is the document's");
+        assert_eq!(
+            read_direct(nested),
+            None,
+            "a nested context is the document's"
+        );
     }
 
     #[test]
