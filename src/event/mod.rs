@@ -73,10 +73,11 @@ pub enum Context {
     /// Its members, read with the rest of the event (a document: the Segment spec, or a
     /// native event out of the common case).
     Members(Props),
-    /// A native event's context as written — a flat JSON object of scalars with no key
-    /// repeated, checked when the event was read — and a digest of that text. Its members
-    /// are read only if a customer's state takes them: most events repeat their
-    /// customer's context, and a state skips the one it applied last ([`ContextDigest`]).
+    /// A native event's context as written — a flat JSON object of scalars, checked when
+    /// the event was read — and a digest of that text. Its members are read only if a
+    /// customer's state takes them: most events repeat their customer's context, and a
+    /// state skips the one it applied last ([`ContextDigest`]). A key written twice keeps
+    /// its first place and its last value, as in a document.
     Text {
         /// The object's JSON text.
         json: Box<str>,
