@@ -327,6 +327,9 @@ struct FixedRate {
     p50: f64,
     p99: f64,
     p999: f64,
+    /// p99 of each half, split at the change's `emitted_at`, ms (if it has one).
+    to_made_p99: Option<f64>,
+    made_to_arrived_p99: Option<f64>,
     /// The process's CPU while the events were sent, cores.
     cores: f64,
 }
@@ -335,20 +338,28 @@ struct FixedRate {
 /// the rounds' ratios (second / first).
 fn print_summary(args: &Args, variants: &[&Variant], measured: &[Vec<Measured>]) {
     type Figure = fn(&Measured) -> Option<f64>;
-    let figures: [(&str, usize, Figure); 5] = [
+    let figures: [(&str, usize, Figure); 7] = [
         ("throughput, events/s", 0, |m| m.throughput),
         ("p50 at the fixed rate, ms", 1, |m| m.fixed.map(|f| f.p50)),
         ("p99 at the fixed rate, ms", 1, |m| m.fixed.map(|f| f.p99)),
         ("p99.9 at the fixed rate, ms", 1, |m| {
             m.fixed.map(|f| f.p999)
         }),
+        ("  its event -> change made, p99, ms", 1, |m| {
+            m.fixed.and_then(|f| f.to_made_p99)
+        }),
+        ("  its change made -> arrived, p99, ms", 1, |m| {
+            m.fixed.and_then(|f| f.made_to_arrived_p99)
+        }),
         ("CPU at the fixed rate, cores", 2, |m| {
             m.fixed.map(|f| f.cores)
         }),
     ];
     println!(
-        "summary over {} rounds at {} events/s: median (min-max)",
-        args.rounds, args.rate
+        "summary over {} round{} at {} events/s: median (min-max)",
+        args.rounds,
+        if args.rounds == 1 { "" } else { "s" },
+        args.rate
     );
     for (name, decimals, figure) in figures {
         let mut line = format!("  {name}:");
@@ -621,11 +632,13 @@ const COUNTERS: [&str; 2] = [
 impl LivePhase {
     /// The headline figures, if any change arrived.
     fn figures(&self) -> Option<FixedRate> {
-        let quantile = |q| Some(percentile(&self.latencies, q)? as f64 / 1000.0);
+        let quantile = |sorted: &[i64], q| Some(percentile(sorted, q)? as f64 / 1000.0);
         Some(FixedRate {
-            p50: quantile(0.50)?,
-            p99: quantile(0.99)?,
-            p999: quantile(0.999)?,
+            p50: quantile(&self.latencies, 0.50)?,
+            p99: quantile(&self.latencies, 0.99)?,
+            p999: quantile(&self.latencies, 0.999)?,
+            to_made_p99: quantile(&self.to_emitted, 0.99),
+            made_to_arrived_p99: quantile(&self.emitted_to_arrived, 0.99),
             cores: self.segmentd_cpu / self.seconds,
         })
     }
