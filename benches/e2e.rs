@@ -111,8 +111,8 @@ struct Args {
     /// Only the restore phase.
     #[arg(long)]
     restore_only: bool,
-    /// Measure the floor: the minimal relay in segmentd's place (phase 5 above).
-    #[arg(long)]
+    /// Measure the floor: the minimal relay in segmentd's place (phase 5 above), alone.
+    #[arg(long, conflicts_with_all = ["against", "against_config"])]
     relay: bool,
     /// The share of events the relay writes a record for. segmentd's own share (changes
     /// per event offered) is printed by its fixed-rate phase; match it for a like-for-like
@@ -127,7 +127,7 @@ struct Args {
     logs: PathBuf,
     /// How many times to run it all, each time on a fresh broker; with more than one, a
     /// summary of each figure's median and spread follows.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// The segmentd binary measured (default: the one built with this harness).
     #[arg(long)]
@@ -171,7 +171,6 @@ fn main() -> anyhow::Result<()> {
     if let Some(brokers) = &args.relay_for {
         return relay(brokers, &first.config, args.relay_share);
     }
-    ensure!(args.rounds >= 1, "--rounds is at least 1");
     let second = match (&args.against, &args.against_config) {
         _ if args.against_relay => Some(Variant::new(
             "B",
@@ -188,10 +187,6 @@ fn main() -> anyhow::Result<()> {
         )?),
     };
     if let Some(second) = &second {
-        ensure!(
-            !args.relay,
-            "--relay measures the relay alone: no --against with it"
-        );
         let (a, b) = (&first.config.kafka, &second.config.kafka);
         ensure!(
             (&a.input_topics, &a.output_topic, &a.dead_letter_topic)
