@@ -496,6 +496,9 @@ mod tests {
     }
 
     proptest! {
+        // Enough cases that a context with a repeated key, a rare draw, is read directly.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
         /// Whatever the direct way reads, the document way reads the same; what it leaves,
         /// the document way reads or rejects on its own.
         #[test]
@@ -516,6 +519,9 @@ mod tests {
                             Just(r#"{"items":null,"traits":null,"category":"shoes"}"#),
                             Just(r#"{"items":[1],"traits":[],"price":59.9}"#),
                             Just(r#"{"items":"none","revenue":12,"total":"no"}"#),
+                            // Flat, a key repeated: a context kept as text.
+                            Just(r#"{"device":"mobile","country":"DE","device":"desktop"}"#),
+                            Just(r#"{"n":1,"m":true,"n":null,"m":"x"}"#),
                         ].prop_map(str::to_owned),
                     ],
                 ),
