@@ -21,7 +21,7 @@ use crate::rules::RuleSet;
 use crate::rules::deadline::{At, next_change};
 use crate::rules::eval::{Scope, eval, feed_slot, passes};
 use crate::state::codec::Summary;
-use crate::state::customer::{Membership, NO_TIMED_SEGMENT, TimerSegment};
+use crate::state::customer::{Membership, NO_TIMED_SEGMENT, TimerBasis};
 use crate::state::slots::SlotState;
 use crate::state::{CustomerState, CustomerStore};
 use crate::time::wheel::TimerWheel;
@@ -53,6 +53,14 @@ pub enum TimerUpdate {
     Unchanged,
     /// The timer is now due at this instant (`Some`) or cancelled (`None`).
     Set(Option<Millis>),
+}
+
+/// The first of some segments' next changes (its instant and segment), and the instant of
+/// the next after it (`Millis::MAX`: none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Earliest {
+    first: Option<(Millis, u16)>,
+    second: Millis,
 }
 
 /// Applies events to customer state and evaluates the rules.
@@ -206,19 +214,7 @@ impl Engine {
         if first_event {
             self.reset_timer(state, now);
         } else if !touched.is_empty() {
-            match state.timer_segment.0 {
-                // The timer is the next change of a segment the event did not touch, and
-                // the earliest of those: only the touched ones can bring it forward.
-                Some(segment) if !touched.contains(&segment) => {
-                    if let Some((at, segment)) = self.next_deadline_of(touched, state, now)
-                        && state.timer.is_none_or(|timer| at < timer)
-                    {
-                        state.timer = Some(at);
-                        state.timer_segment = TimerSegment(Some(segment));
-                    }
-                }
-                _ => self.reset_timer(state, now),
-            }
+            self.update_timer(state, touched, now);
         }
         Outcome::Applied {
             event_type: type_id,
@@ -323,22 +319,59 @@ impl Engine {
 
     /// Sets the customer's timer to the earliest instant after `now` at which a
     /// time-dependent rule it is subject to (its segments' exit rules, the others' enter
-    /// rules) may change, and which segment's that is.
+    /// rules) may change, and its [`TimerBasis`]: which segment's that is, and the next
+    /// change of the others.
     fn reset_timer(&self, state: &mut CustomerState, now: Millis) {
-        let next = self.next_deadline_of(&self.rules.timed, state, now);
-        state.timer = next.map(|(at, _)| at);
-        state.timer_segment =
-            TimerSegment(Some(next.map_or(NO_TIMED_SEGMENT, |(_, segment)| segment)));
+        let found = self.next_deadlines_of(&self.rules.timed, state, now);
+        state.timer = found.first.map(|(at, _)| at);
+        state.timer_basis = TimerBasis::new(
+            found.first.map_or(NO_TIMED_SEGMENT, |(_, segment)| segment),
+            found.second,
+        );
+    }
+
+    /// Brings the customer's timer up to date after an event that re-evaluated the
+    /// time-dependent segments `touched` (and no other: the others' inputs and
+    /// memberships are as they were when their next changes were computed). Only the
+    /// touched ones' next changes are computed, unless what the [`TimerBasis`] knows of
+    /// the others cannot show that none of theirs comes first: then all are
+    /// ([`Engine::reset_timer`]).
+    fn update_timer(&self, state: &mut CustomerState, touched: &[u16], now: Millis) {
+        let basis = state.timer_basis;
+        let Some(segment) = basis.segment else {
+            return self.reset_timer(state, now);
+        };
+        let others_not_before = basis.others_not_before();
+        let found = self.next_deadlines_of(touched, state, now);
+        let first_at = found.first.map_or(Millis::MAX, |(at, _)| at);
+        if !touched.contains(&segment) {
+            // The timer's segment keeps its next change, the timer; the untouched others
+            // theirs, none before `others_not_before`.
+            match found.first {
+                Some((at, first)) if state.timer.is_none_or(|timer| at < timer) => {
+                    let timer = state.timer.unwrap_or(Millis::MAX);
+                    state.timer = Some(at);
+                    state.timer_basis =
+                        TimerBasis::new(first, others_not_before.min(timer).min(found.second));
+                }
+                _ => state.timer_basis = TimerBasis::new(segment, others_not_before.min(first_at)),
+            }
+        } else if first_at <= others_not_before {
+            // The timer's segment was re-evaluated, and the first of the touched comes no
+            // later than any of the others can.
+            state.timer = found.first.map(|(at, _)| at);
+            state.timer_basis = TimerBasis::new(
+                found.first.map_or(NO_TIMED_SEGMENT, |(_, first)| first),
+                others_not_before.min(found.second),
+            );
+        } else {
+            self.reset_timer(state, now);
+        }
     }
 
     /// The earliest instant after `now` at which one of `segments` (time-dependent ones)
-    /// may change for the customer, and that segment.
-    fn next_deadline_of(
-        &self,
-        segments: &[u16],
-        state: &CustomerState,
-        now: Millis,
-    ) -> Option<(Millis, u16)> {
+    /// may change for the customer, with that segment, and the next of the others'.
+    fn next_deadlines_of(&self, segments: &[u16], state: &CustomerState, now: Millis) -> Earliest {
         let rules = &*self.rules;
         let at = At {
             state,
@@ -346,13 +379,28 @@ impl Engine {
             session_gap: self.session_gap,
             slots: &rules.slots,
         };
-        segments
-            .iter()
-            .filter_map(|&index| {
-                let rule = rules.segments[usize::from(index)].rule_for(state.is_member(index));
-                next_change(&rule.node, at).map(|deadline| (deadline, index))
-            })
-            .min()
+        let mut found = Earliest {
+            first: None,
+            second: Millis::MAX,
+        };
+        for &index in segments {
+            let rule = rules.segments[usize::from(index)].rule_for(state.is_member(index));
+            let Some(deadline) = next_change(&rule.node, at) else {
+                continue;
+            };
+            match found.first {
+                Some(first) if first <= (deadline, index) => {
+                    found.second = found.second.min(deadline);
+                }
+                _ => {
+                    if let Some((previous, _)) = found.first {
+                        found.second = previous;
+                    }
+                    found.first = Some((deadline, index));
+                }
+            }
+        }
+        found
     }
 
     /// Re-evaluates `plan`'s segments for one customer at `now`, recording each change.
@@ -559,6 +607,125 @@ mod tests {
         );
     }
 
+    /// An event that moves the timer's own segment later keeps only what it can prove
+    /// first: here a cart change moves `idle_cart`'s next change past `exit_intent`'s,
+    /// which an exit intent set — after the timer, and not a millisecond before the
+    /// cart's new one — so the timer is `exit_intent`'s. (Both the lower bound kept of the
+    /// other segments' next changes and its rounding to seconds are at stake: a bound not
+    /// lowered by the exit intent, or rounded up, would keep the cart's.)
+    #[test]
+    fn a_timer_moved_later_by_an_event_gives_way_to_a_change_another_event_set() {
+        let engine = engine(&[
+            (
+                "idle_cart",
+                "cart.items > 0 and idle(cart.updated_at) >= 10m",
+            ),
+            ("exit_intent", "within(last(exit_intent), 11m)"),
+        ]);
+        let cart = |ts: i64| {
+            format!(
+                r#"{{"type":"add_to_cart","customer_id":"c","ts":{ts},"properties":{{"product_id":"p"}}}}"#
+            )
+        };
+        let t0 = 1_767_225_600_000;
+        apply(&engine, &cart(t0));
+        let exit = format!(
+            r#"{{"type":"exit_intent","customer_id":"c","ts":{}}}"#,
+            t0 + MINUTE
+        );
+        apply(&engine, &exit);
+        assert_eq!(
+            engine.store().read("c", |s| s.timer),
+            Some(Some(t0 + 10 * MINUTE)),
+            "the cart's comes first"
+        );
+        // The cart's next change is now at 12m 500ms; the exit intent's at 12m 1ms.
+        apply(&engine, &cart(t0 + 2 * MINUTE + 500));
+        assert_eq!(
+            engine.store().read("c", |s| s.timer),
+            Some(Some(t0 + 12 * MINUTE + 1))
+        );
+    }
+
+    /// The other way round: an exit intent brings the timer forward, then another moves
+    /// `exit_intent`'s next change past the cart's, which the timer no longer is but must
+    /// become again (the bound kept of the other segments' next changes includes the
+    /// timer it replaced).
+    #[test]
+    fn a_timer_brought_forward_by_an_event_remembers_the_one_it_replaced() {
+        let engine = engine(&[
+            (
+                "idle_cart",
+                "cart.items > 0 and idle(cart.updated_at) >= 10m",
+            ),
+            ("exit_intent", "within(last(exit_intent), 5m)"),
+        ]);
+        let t0 = 1_767_225_600_000;
+        let exit = |ts: i64| format!(r#"{{"type":"exit_intent","customer_id":"c","ts":{ts}}}"#);
+        apply(
+            &engine,
+            &format!(
+                r#"{{"type":"add_to_cart","customer_id":"c","ts":{t0},"properties":{{"product_id":"p"}}}}"#
+            ),
+        );
+        apply(&engine, &exit(t0 + MINUTE));
+        let timer = || engine.store().read("c", |s| s.timer).unwrap();
+        assert_eq!(
+            timer(),
+            Some(t0 + 6 * MINUTE + 1),
+            "the exit intent's comes first"
+        );
+        apply(&engine, &exit(t0 + 6 * MINUTE));
+        assert_eq!(
+            timer(),
+            Some(t0 + 10 * MINUTE),
+            "the cart's comes first again"
+        );
+    }
+
+    /// An event that brings the timer forward and sets a second segment's next change
+    /// too: a later event that moves the first past the second (and touches only the
+    /// first) must find the second's, not the timer replaced, which came later.
+    #[test]
+    fn a_timer_brought_forward_remembers_the_next_change_set_beside_it() {
+        let engine = engine(&[
+            ("recent_exit", "within(last(exit_intent), 10m)"),
+            (
+                "idle_cart",
+                "cart.items > 0 and idle(cart.updated_at) >= 5m",
+            ),
+            ("unbought", "not_followed(add_to_cart, purchase, 7m)"),
+        ]);
+        let t0 = 1_767_225_600_000;
+        let event = |kind: &str, ts: i64, product: &str| {
+            format!(
+                r#"{{"type":"{kind}","customer_id":"c","ts":{ts},"properties":{{"product_id":"{product}"}}}}"#
+            )
+        };
+        let timer_and_full_recomputation = || {
+            engine
+                .store()
+                .read("c", |state| {
+                    let full = engine.next_deadlines_of(&engine.rules.timed, state, state.clock);
+                    (state.timer, full.first.map(|(at, _)| at))
+                })
+                .unwrap()
+        };
+        apply(&engine, &event("exit_intent", t0, "p"));
+        // Touches `idle_cart` (next change at 6m, before the exit's at 10m) and `unbought`
+        // (at 8m).
+        apply(&engine, &event("add_to_cart", t0 + MINUTE, "p"));
+        let (timer, full) = timer_and_full_recomputation();
+        assert_eq!(timer, Some(t0 + 6 * MINUTE));
+        assert_eq!(timer, full);
+        // Touches only `idle_cart`, whose next change moves to 9m, after `unbought`'s (a
+        // product the cart does not hold: the cart keeps its item, and changes).
+        apply(&engine, &event("remove_from_cart", t0 + 4 * MINUTE, "q"));
+        let (timer, full) = timer_and_full_recomputation();
+        assert!(timer < Some(t0 + 9 * MINUTE), "{timer:?}");
+        assert_eq!(timer, full);
+    }
+
     /// After every event, evaluating *every* segment for its customer changes nothing,
     /// and its timer is the one a full recomputation gives: the plans (an event
     /// re-evaluates only the segments its type can affect, a time-dependent one only
@@ -601,7 +768,8 @@ mod tests {
                 assert_eq!(
                     state.timer,
                     engine
-                        .next_deadline_of(&engine.rules.timed, &state, now)
+                        .next_deadlines_of(&engine.rules.timed, &state, now)
+                        .first
                         .map(|(deadline, _)| deadline),
                     "{name} rules, event {i} ({}): the timer kept differs from a full recomputation",
                     event.event_type

@@ -18,19 +18,55 @@ const KEPT_KEY_MASK: u64 = (1 << 49) - 1;
 pub const MAX_CART_LINES: usize = 200;
 /// Most distinct keys kept in `traits` and in `context`; new keys beyond are ignored.
 pub const MAX_PROPS: usize = 64;
-/// [`TimerSegment`] when no time-dependent segment has a next change.
+/// [`TimerBasis::segment`] when no time-dependent segment has a next change.
 pub const NO_TIMED_SEGMENT: u16 = u16::MAX;
 
-/// Which time-dependent segment a customer's timer is the next change of
-/// ([`NO_TIMED_SEGMENT`]: none has one), as last computed from all of them; `None` when
-/// not known (a state decoded or restored). While it is known and an event does not
-/// re-evaluate that segment, only the segments the event does re-evaluate need their next
-/// change computed. Derived from the rest of the state: not stored, and two states equal
-/// in everything else are equal whatever it says.
+/// What is known of the next changes behind a customer's timer, so that an event need not
+/// recompute every time-dependent segment's: only those it re-evaluates, as long as these
+/// facts show that none of the others' can come first. Derived from the rest of the state:
+/// not stored, and two states equal in everything else are equal whatever it says.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct TimerSegment(pub Option<u16>);
+pub struct TimerBasis {
+    /// Which time-dependent segment `timer` is the next change of ([`NO_TIMED_SEGMENT`]:
+    /// none has one); `None` when not known (a state decoded or restored).
+    pub segment: Option<u16>,
+    /// [`TimerBasis::others_not_before`] in whole seconds, rounded down (0: not known,
+    /// `u32::MAX`: never): with the segment, 8 bytes, which fit in the state's padding
+    /// where milliseconds would not.
+    others_not_before_s: u32,
+}
 
-impl PartialEq for TimerSegment {
+impl TimerBasis {
+    /// A basis: the timer is `segment`'s next change, and no other time-dependent segment
+    /// can change before `others_not_before` (`Millis::MAX`: none has a next change).
+    pub fn new(segment: u16, others_not_before: Millis) -> TimerBasis {
+        let seconds = if others_not_before == Millis::MAX {
+            u32::MAX
+        } else {
+            // Rounded down, and clamped below `u32::MAX`: still a lower bound.
+            u32::try_from(others_not_before.div_euclid(1000).max(0))
+                .map_or(u32::MAX - 1, |s| s.min(u32::MAX - 1))
+        };
+        TimerBasis {
+            segment: Some(segment),
+            others_not_before_s: seconds,
+        }
+    }
+
+    /// No time-dependent segment other than [`TimerBasis::segment`] can change before this
+    /// instant: a lower bound of their next changes, exact to the second when all were
+    /// last computed, lower after events moved some (`Millis::MAX`: none has one;
+    /// `Millis::MIN`: nothing known).
+    pub fn others_not_before(self) -> Millis {
+        match self.others_not_before_s {
+            0 => Millis::MIN,
+            u32::MAX => Millis::MAX,
+            seconds => Millis::from(seconds) * 1000,
+        }
+    }
+}
+
+impl PartialEq for TimerBasis {
     fn eq(&self, _: &Self) -> bool {
         true
     }
@@ -78,9 +114,10 @@ pub struct CustomerState {
     pub clock: Millis,
     /// When the rules may next change with time alone: the one pending timer.
     pub timer: Option<Millis>,
-    /// Which time-dependent segment `timer` is the next change of (see [`TimerSegment`]).
+    /// Which segment `timer` is the next change of, and when the others' may come (see
+    /// [`TimerBasis`]).
     #[serde(skip)]
-    pub timer_segment: TimerSegment,
+    pub timer_basis: TimerBasis,
     /// The input partition number the customer's events come from: the state is dropped
     /// when that partition moves to another instance. Not stored: the changelog
     /// partition says it.
