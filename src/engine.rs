@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use crate::emit::change::{Cause, SegmentChange, Transition};
 use crate::event::Event;
 use crate::rules::RuleSet;
-use crate::rules::deadline::{At, next_change};
+use crate::rules::deadline::{At, next_change, value_and_next_change};
 use crate::rules::eval::{Scope, eval, feed_slot, passes};
 use crate::state::codec::Summary;
 use crate::state::customer::{Membership, NO_TIMED_SEGMENT, TimerBasis};
@@ -61,6 +61,47 @@ pub enum TimerUpdate {
 struct Earliest {
     first: Option<(Millis, u16)>,
     second: Millis,
+}
+
+impl Earliest {
+    /// No next change.
+    const NONE: Earliest = Earliest {
+        first: None,
+        second: Millis::MAX,
+    };
+
+    /// Adds `segment`'s next change, if it has one.
+    fn add(&mut self, next: Option<Millis>, segment: u16) {
+        let Some(next) = next else { return };
+        match self.first {
+            Some(first) if first <= (next, segment) => self.second = self.second.min(next),
+            _ => {
+                if let Some((previous, _)) = self.first {
+                    self.second = previous;
+                }
+                self.first = Some((next, segment));
+            }
+        }
+    }
+
+    /// The earliest of both sets' next changes.
+    fn merge(mut self, other: Earliest) -> Earliest {
+        if let Some((next, segment)) = other.first {
+            self.add(Some(next), segment);
+        }
+        self.second = self.second.min(other.second);
+        self
+    }
+}
+
+/// Sets the customer's timer to the first of `found` (the next changes of every
+/// time-dependent segment), and its [`TimerBasis`] from them.
+fn set_timer(state: &mut CustomerState, found: Earliest) {
+    state.timer = found.first.map(|(at, _)| at);
+    state.timer_basis = TimerBasis::new(
+        found.first.map_or(NO_TIMED_SEGMENT, |(_, segment)| segment),
+        found.second,
+    );
 }
 
 /// Applies events to customer state and evaluates the rules.
@@ -209,12 +250,13 @@ impl Engine {
         } else {
             &rules.eval_plan[usize::from(type_id)]
         };
-        self.evaluate(&event.customer_id, state, plan, now, &cause, out);
+        let found = self.evaluate(&event.customer_id, state, plan, now, &cause, out);
         let touched = &rules.deadline_plan[usize::from(type_id)];
         if first_event {
-            self.reset_timer(state, now);
+            // The full plan evaluated every time-dependent segment.
+            set_timer(state, found);
         } else if !touched.is_empty() {
-            self.update_timer(state, touched, now);
+            self.update_timer(state, touched, found, now);
         }
         Outcome::Applied {
             event_type: type_id,
@@ -306,7 +348,7 @@ impl Engine {
     ) {
         let now = deadline.max(state.clock);
         state.clock = now;
-        self.evaluate(
+        let found = self.evaluate(
             customer,
             state,
             &self.rules.timer_plan,
@@ -314,7 +356,8 @@ impl Engine {
             &|| Cause::Timer,
             out,
         );
-        self.reset_timer(state, now);
+        // The timer plan holds every time-dependent segment.
+        set_timer(state, found);
     }
 
     /// Sets the customer's timer to the earliest instant after `now` at which a
@@ -322,32 +365,29 @@ impl Engine {
     /// rules) may change, and its [`TimerBasis`]: which segment's that is, and the next
     /// change of the others.
     fn reset_timer(&self, state: &mut CustomerState, now: Millis) {
-        let found = self.next_deadlines_of(&self.rules.timed, state, now);
-        state.timer = found.first.map(|(at, _)| at);
-        state.timer_basis = TimerBasis::new(
-            found.first.map_or(NO_TIMED_SEGMENT, |(_, segment)| segment),
-            found.second,
-        );
+        let found = self.next_deadlines_of(self.rules.timed.iter().copied(), state, now);
+        set_timer(state, found);
     }
 
     /// Brings the customer's timer up to date after an event that re-evaluated the
     /// time-dependent segments `touched` (and no other: the others' inputs and
-    /// memberships are as they were when their next changes were computed). Only the
-    /// touched ones' next changes are computed, unless what the [`TimerBasis`] knows of
-    /// the others cannot show that none of theirs comes first: then all are
-    /// ([`Engine::reset_timer`]).
-    fn update_timer(&self, state: &mut CustomerState, touched: &[u16], now: Millis) {
+    /// memberships are as they were when their next changes were computed), whose next
+    /// changes the evaluation `found`. The others' are computed only if what the
+    /// [`TimerBasis`] knows of them cannot show that none comes first.
+    fn update_timer(
+        &self,
+        state: &mut CustomerState,
+        touched: &[u16],
+        found: Earliest,
+        now: Millis,
+    ) {
         let basis = state.timer_basis;
-        let Some(segment) = basis.segment else {
-            return self.reset_timer(state, now);
-        };
         let others_not_before = basis.others_not_before();
-        let found = self.next_deadlines_of(touched, state, now);
         let first_at = found.first.map_or(Millis::MAX, |(at, _)| at);
-        if !touched.contains(&segment) {
+        match basis.segment {
             // The timer's segment keeps its next change, the timer; the untouched others
             // theirs, none before `others_not_before`.
-            match found.first {
+            Some(segment) if !touched.contains(&segment) => match found.first {
                 Some((at, first)) if state.timer.is_none_or(|timer| at < timer) => {
                     let timer = state.timer.unwrap_or(Millis::MAX);
                     state.timer = Some(at);
@@ -355,55 +395,53 @@ impl Engine {
                         TimerBasis::new(first, others_not_before.min(timer).min(found.second));
                 }
                 _ => state.timer_basis = TimerBasis::new(segment, others_not_before.min(first_at)),
-            }
-        } else if first_at <= others_not_before {
+            },
             // The timer's segment was re-evaluated, and the first of the touched comes no
             // later than any of the others can.
-            state.timer = found.first.map(|(at, _)| at);
-            state.timer_basis = TimerBasis::new(
-                found.first.map_or(NO_TIMED_SEGMENT, |(_, first)| first),
-                others_not_before.min(found.second),
-            );
-        } else {
-            self.reset_timer(state, now);
+            Some(_) if first_at <= others_not_before => {
+                set_timer(
+                    state,
+                    Earliest {
+                        second: found.second.min(others_not_before),
+                        ..found
+                    },
+                );
+            }
+            // Not known, or the others might come first: theirs are computed.
+            _ => {
+                let others = self
+                    .rules
+                    .timed
+                    .iter()
+                    .copied()
+                    .filter(|index| !touched.contains(index));
+                let all = found.merge(self.next_deadlines_of(others, state, now));
+                set_timer(state, all);
+            }
         }
     }
 
     /// The earliest instant after `now` at which one of `segments` (time-dependent ones)
     /// may change for the customer, with that segment, and the next of the others'.
-    fn next_deadlines_of(&self, segments: &[u16], state: &CustomerState, now: Millis) -> Earliest {
+    fn next_deadlines_of(
+        &self,
+        segments: impl IntoIterator<Item = u16>,
+        state: &CustomerState,
+        now: Millis,
+    ) -> Earliest {
         let rules = &*self.rules;
-        let at = At {
-            state,
-            now,
-            session_gap: self.session_gap,
-            slots: &rules.slots,
-        };
-        let mut found = Earliest {
-            first: None,
-            second: Millis::MAX,
-        };
-        for &index in segments {
+        let at = self.at(state, now);
+        let mut found = Earliest::NONE;
+        for index in segments {
             let rule = rules.segments[usize::from(index)].rule_for(state.is_member(index));
-            let Some(deadline) = next_change(&rule.node, at) else {
-                continue;
-            };
-            match found.first {
-                Some(first) if first <= (deadline, index) => {
-                    found.second = found.second.min(deadline);
-                }
-                _ => {
-                    if let Some((previous, _)) = found.first {
-                        found.second = previous;
-                    }
-                    found.first = Some((deadline, index));
-                }
-            }
+            found.add(next_change(&rule.node, at), index);
         }
         found
     }
 
     /// Re-evaluates `plan`'s segments for one customer at `now`, recording each change.
+    /// Returns the next changes of the plan's time-dependent segments (under the rule
+    /// each is subject to after the evaluation), found in the same pass.
     fn evaluate(
         &self,
         customer_id: &str,
@@ -412,8 +450,9 @@ impl Engine {
         now: Millis,
         cause: &dyn Fn() -> Cause,
         out: &mut Vec<SegmentChange>,
-    ) {
+    ) -> Earliest {
         let rules = &*self.rules;
+        let mut found = Earliest::NONE;
         for &index in plan {
             let segment = &rules.segments[usize::from(index)];
             let member = state.is_member(index);
@@ -423,10 +462,15 @@ impl Engine {
                 session_gap: self.session_gap,
             };
             let rule = segment.rule_for(member);
+            let (value, next) = if segment.deps.time {
+                value_and_next_change(&rule.node, self.at(state, now))
+            } else {
+                (eval(&rule.node, scope, &rules.slots), None)
+            };
             // A member without an exit rule leaves when `enter` turns false.
             let leaves_on_false = member && segment.exit.is_none();
-            let changes = eval(&rule.node, scope, &rules.slots).is_true() != leaves_on_false;
-            if !changes {
+            if value.is_true() == leaves_on_false {
+                found.add(next, index);
                 continue;
             }
             let facts = rule
@@ -464,6 +508,25 @@ impl Engine {
                 cart: state.cart.lines_json(),
                 rules_version: rules.version.clone(),
             });
+            if segment.deps.time {
+                // A segment with an exit rule is now subject to the other rule.
+                let next = match segment.exit {
+                    Some(_) => next_change(&segment.rule_for(!member).node, self.at(state, now)),
+                    None => next,
+                };
+                found.add(next, index);
+            }
+        }
+        found
+    }
+
+    /// What a rule is evaluated against for a deadline: `state` at `now`.
+    fn at<'a>(&'a self, state: &'a CustomerState, now: Millis) -> At<'a> {
+        At {
+            state,
+            now,
+            session_gap: self.session_gap,
+            slots: &self.rules.slots,
         }
     }
 
@@ -706,7 +769,11 @@ mod tests {
             engine
                 .store()
                 .read("c", |state| {
-                    let full = engine.next_deadlines_of(&engine.rules.timed, state, state.clock);
+                    let full = engine.next_deadlines_of(
+                        engine.rules.timed.iter().copied(),
+                        state,
+                        state.clock,
+                    );
                     (state.timer, full.first.map(|(at, _)| at))
                 })
                 .unwrap()
@@ -768,7 +835,7 @@ mod tests {
                 assert_eq!(
                     state.timer,
                     engine
-                        .next_deadlines_of(&engine.rules.timed, &state, now)
+                        .next_deadlines_of(engine.rules.timed.iter().copied(), &state, now)
                         .first
                         .map(|(deadline, _)| deadline),
                     "{name} rules, event {i} ({}): the timer kept differs from a full recomputation",

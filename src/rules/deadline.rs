@@ -12,13 +12,18 @@
 //! from there — but it is never late, which the property tests check by evaluating the
 //! rule at every instant up to the deadline.
 //!
+//! The next change is found in one pass with the rule's value
+//! ([`value_and_next_change`]): the refinements below and the crossings need most of
+//! the rule's sub-values anyway, so the engine takes the value from there instead of
+//! evaluating the rule a second time.
+//!
 //! Two refinements keep customers from waking for nothing: an `and` with a side that is
 //! false and cannot change with time is false until the next event (and an `or` with a
 //! stable true side true), and a windowed `count`/`distinct` only falls with time, so
 //! `count(…) >= n` that is false now stays false.
 
 use super::compile::{AggOp, ArithOp, CmpOp, Node, SlotSpec, StateField, grows_with_time};
-use super::eval::{Scope, Value, compare, eval, session_open};
+use super::eval::{Scope, Value, arith, compare, eval, lit, session_open};
 use crate::state::CustomerState;
 use crate::state::slots::SlotState;
 use crate::time::Millis;
@@ -56,27 +61,52 @@ impl<'a> At<'a> {
 
 /// The earliest instant after `at.now` at which `node`'s value may change with no new
 /// event, or `None` if only an event can change it.
-pub fn next_change(node: &Node, at: At<'_>) -> Option<Millis> {
+pub fn next_change<'a>(node: &'a Node, at: At<'a>) -> Option<Millis> {
+    walk(node, at).next
+}
+
+/// `node`'s value at `at.now` (as [`eval`] gives it) and its [`next_change`], in one pass:
+/// finding the next change evaluates most of the rule anyway.
+pub fn value_and_next_change<'a>(node: &'a Node, at: At<'a>) -> (Value<'a>, Option<Millis>) {
+    let walked = walk(node, at);
+    (walked.value, walked.next)
+}
+
+/// What [`walk`] finds of a node.
+struct Walked<'a> {
+    /// Its value at `now`.
+    value: Value<'a>,
+    /// Its next change after `now`.
+    next: Option<Millis>,
+    /// How it moves with time until then.
+    form: Form,
+}
+
+/// `node`'s value, next change and form at `at.now`, from its children's.
+fn walk<'a>(node: &'a Node, at: At<'a>) -> Walked<'a> {
     let now = at.now;
-    let found = match node {
+    let (value, next, form) = match node {
         Node::Lit(_)
         | Node::Trait(_)
         | Node::Context(_)
         | Node::Prop(_)
         | Node::InSegment(_)
         | Node::Instant(_)
-        | Node::Followed(_) => None,
-        Node::State(field) => match field {
-            StateField::SessionId
-            | StateField::SessionPageViews
-            | StateField::SessionEvents
-            | StateField::SessionActive
-                if session_open(at.state, now, at.session_gap) =>
-            {
-                Some(at.state.session.last_activity + at.session_gap + 1)
-            }
-            _ => None,
-        },
+        | Node::Followed(_) => leaf(at.value(node), None),
+        Node::State(field) => {
+            let next = match field {
+                StateField::SessionId
+                | StateField::SessionPageViews
+                | StateField::SessionEvents
+                | StateField::SessionActive
+                    if session_open(at.state, now, at.session_gap) =>
+                {
+                    Some(at.state.session.last_activity + at.session_gap + 1)
+                }
+                _ => None,
+            };
+            leaf(at.value(node), next)
+        }
         Node::Agg {
             slot,
             window: Some(window),
@@ -89,81 +119,169 @@ pub fn next_change(node: &Node, at: At<'_>) -> Option<Millis> {
         | Node::Top {
             slot,
             window: Some(window),
-        } => at.slot(*slot).and_then(|s| s.next_expiry(*window, now)),
+        } => leaf(
+            at.value(node),
+            at.slot(*slot).and_then(|s| s.next_expiry(*window, now)),
+        ),
         Node::Agg { window: None, .. }
         | Node::Distinct { window: None, .. }
-        | Node::Top { window: None, .. } => None,
-        Node::NotFollowed { slot, within } => at
-            .slot(*slot)
-            .and_then(|s| s.sequence())
-            .and_then(|s| s.next_overdue(*within, now)),
-        Node::Idle(inner) | Node::Not(inner) | Node::Neg(inner) | Node::In(inner, _) => {
-            next_change(inner, at)
+        | Node::Top { window: None, .. } => leaf(at.value(node), None),
+        Node::NotFollowed { slot, within } => leaf(
+            at.value(node),
+            at.slot(*slot)
+                .and_then(|s| s.sequence())
+                .and_then(|s| s.next_overdue(*within, now)),
+        ),
+        Node::Not(inner) => {
+            let inner = walk(inner, at);
+            (
+                Value::Bool(!inner.value.is_true()),
+                inner.next,
+                Form::Missing,
+            )
+        }
+        Node::In(inner, items) => {
+            let inner = walk(inner, at);
+            let found = items
+                .iter()
+                .any(|item| compare(CmpOp::Eq, inner.value, lit(item)));
+            (Value::Bool(found), inner.next, Form::Missing)
+        }
+        Node::Neg(inner) => {
+            let inner = walk(inner, at);
+            let value = match inner.value {
+                Value::Num(n) => Value::Num(-n),
+                Value::Dur(d) => Value::Dur(-d),
+                _ => Value::Null,
+            };
+            let form = match inner.form {
+                Form::Linear(s, i) => Form::Linear(-s, -i),
+                Form::Missing => Form::Missing,
+            };
+            (value, inner.next, form)
+        }
+        Node::Idle(instant) => {
+            let instant = walk(instant, at);
+            match instant.value {
+                Value::Time(t) => (
+                    Value::Dur(now - t),
+                    instant.next,
+                    Form::Linear(1.0, -(t as f64)),
+                ),
+                _ => (Value::Null, instant.next, Form::Missing),
+            }
         }
         Node::Within(instant, length) => {
-            let crossing = match (at.value(instant), at.value(length)) {
-                (Value::Time(t), Value::Dur(_)) if now < t => Some(t),
-                (Value::Time(t), Value::Dur(d)) if now <= t.saturating_add(d) => {
-                    Some(t.saturating_add(d).saturating_add(1))
+            let (instant, length) = (walk(instant, at), walk(length, at));
+            let (value, crossing) = match (instant.value, length.value) {
+                (Value::Time(t), Value::Dur(d)) => {
+                    let crossing = if now < t {
+                        Some(t)
+                    } else if now <= t.saturating_add(d) {
+                        Some(t.saturating_add(d).saturating_add(1))
+                    } else {
+                        None
+                    };
+                    (t <= now && now - t <= d, crossing)
                 }
-                _ => None,
+                _ => (false, None),
             };
-            earliest([crossing, next_change(instant, at), next_change(length, at)])
+            let next = earliest([crossing, instant.next, length.next]);
+            (Value::Bool(value), next, Form::Missing)
         }
         Node::And(l, r) | Node::Or(l, r) => {
+            // `or` is settled by a true side, `and` by a false one.
             let settled = matches!(node, Node::Or(..));
             // A side that holds the whole answer and cannot change with time settles it;
             // the other side is then not looked at.
-            let decides = |side: &Node, next: Option<Millis>| {
-                next.is_none() && at.value(side).is_true() == settled
-            };
-            let ln = next_change(l, at);
-            if decides(l, ln) {
-                return None;
+            let l = walk(l, at);
+            if l.next.is_none() && l.value.is_true() == settled {
+                return Walked {
+                    value: Value::Bool(settled),
+                    next: None,
+                    form: Form::Missing,
+                };
             }
-            let rn = next_change(r, at);
-            if decides(r, rn) {
+            let r = walk(r, at);
+            let value = if settled {
+                l.value.is_true() || r.value.is_true()
+            } else {
+                l.value.is_true() && r.value.is_true()
+            };
+            let next = if r.next.is_none() && r.value.is_true() == settled {
                 None
             } else {
-                earliest([ln, rn])
-            }
+                earliest([l.next, r.next])
+            };
+            (Value::Bool(value), next, Form::Missing)
         }
-        Node::Arith(_, l, r) => earliest([next_change(l, at), next_change(r, at)]),
-        Node::Cmp(op, l, r) => compare_change(*op, l, r, at),
+        Node::Arith(op, l, r) => {
+            let (lw, rw) = (walk(l, at), walk(r, at));
+            let value = arith(*op, lw.value, rw.value);
+            let form = combine(*op, lw.form, rw.form);
+            (value, earliest([lw.next, rw.next]), form)
+        }
+        Node::Cmp(op, l, r) => {
+            let (lw, rw) = (walk(l, at), walk(r, at));
+            let value = Value::Bool(compare(*op, lw.value, rw.value));
+            (
+                value,
+                compare_change(*op, (l, &lw), (r, &rw), now),
+                Form::Missing,
+            )
+        }
     };
-    found.filter(|&t| t > now)
+    Walked {
+        value,
+        next: next.filter(|&t| t > now),
+        form,
+    }
+}
+
+/// A node read straight from the state: its value, its own next change, and the form
+/// its value gives.
+fn leaf(value: Value<'_>, next: Option<Millis>) -> (Value<'_>, Option<Millis>, Form) {
+    let form = match value {
+        Value::Num(n) => Form::Linear(0.0, n),
+        Value::Time(t) | Value::Dur(t) => Form::Linear(0.0, t as f64),
+        _ => Form::Missing,
+    };
+    (value, next, form)
 }
 
 /// The next change of a comparison: a step of either side, or the moment a side that
 /// grows with time crosses the other.
-fn compare_change(op: CmpOp, l: &Node, r: &Node, at: At<'_>) -> Option<Millis> {
-    let (ln, rn) = (next_change(l, at), next_change(r, at));
-    if falling_settled(op, l, r, rn, at) || falling_settled(mirror(op), r, l, ln, at) {
+fn compare_change(
+    op: CmpOp,
+    (l, lw): (&Node, &Walked<'_>),
+    (r, rw): (&Node, &Walked<'_>),
+    now: Millis,
+) -> Option<Millis> {
+    if falling_settled(op, (l, lw), (r, rw)) || falling_settled(mirror(op), (r, rw), (l, lw)) {
         return None;
     }
-    // Sides that do not grow with time are constant until the next step: no crossing,
-    // and no need to evaluate them (a window's sum, a `top`) to find that out.
+    // Sides that do not grow with time are constant until the next step: no crossing.
     if !grows_with_time(l) && !grows_with_time(r) {
-        return earliest([ln, rn]);
+        return earliest([lw.next, rw.next]);
     }
-    let crossing = match (linear(l, at), linear(r, at)) {
+    let crossing = match (lw.form, rw.form) {
         (Form::Linear(ls, li), Form::Linear(rs, ri)) if ls != rs => {
             // l − r = slope × t + offset crosses zero at x; past x its sign is settled.
             let (slope, offset) = (ls - rs, li - ri);
             let x = -offset / slope;
             let holds =
                 |t: Millis| compare(op, Value::Num(slope * t as f64 + offset), Value::Num(0.0));
-            if x.floor() > at.now as f64 {
+            if x.floor() > now as f64 {
                 Some(x.floor() as Millis)
-            } else if x >= at.now as f64 && holds(at.now + 1) != holds(at.now) {
-                Some(at.now + 1)
+            } else if x >= now as f64 && holds(now + 1) != holds(now) {
+                Some(now + 1)
             } else {
                 None
             }
         }
         _ => None,
     };
-    earliest([crossing, ln, rn])
+    earliest([crossing, lw.next, rw.next])
 }
 
 /// Whether `count <op> bound` cannot change with time: a windowed count only falls, the
@@ -171,10 +289,8 @@ fn compare_change(op: CmpOp, l: &Node, r: &Node, at: At<'_>) -> Option<Millis> {
 /// (`>=`/`>` false, `<`/`<=` true).
 fn falling_settled(
     op: CmpOp,
-    count: &Node,
-    bound: &Node,
-    bound_next: Option<Millis>,
-    at: At<'_>,
+    (count, count_walked): (&Node, &Walked<'_>),
+    (bound, bound_walked): (&Node, &Walked<'_>),
 ) -> bool {
     let falling = matches!(
         count,
@@ -187,10 +303,10 @@ fn falling_settled(
             ..
         }
     );
-    if !falling || bound_next.is_some() || grows_with_time(bound) {
+    if !falling || bound_walked.next.is_some() || grows_with_time(bound) {
         return false;
     }
-    let holds = compare(op, at.value(count), at.value(bound));
+    let holds = compare(op, count_walked.value, bound_walked.value);
     match op {
         CmpOp::Ge | CmpOp::Gt => !holds,
         CmpOp::Lt | CmpOp::Le => holds,
@@ -220,34 +336,19 @@ enum Form {
     Missing,
 }
 
-/// The [`Form`] of a node around `at.now`.
-fn linear(node: &Node, at: At<'_>) -> Form {
-    match node {
-        Node::Idle(instant) => match at.value(instant) {
-            Value::Time(t) => Form::Linear(1.0, -(t as f64)),
-            _ => Form::Missing,
+/// The [`Form`] of `l op r` from its sides'.
+fn combine(op: ArithOp, l: Form, r: Form) -> Form {
+    match (l, r) {
+        (Form::Linear(ls, li), Form::Linear(rs, ri)) => match op {
+            ArithOp::Add => Form::Linear(ls + rs, li + ri),
+            ArithOp::Sub => Form::Linear(ls - rs, li - ri),
+            ArithOp::Mul if ls == 0.0 => Form::Linear(rs * li, ri * li),
+            ArithOp::Mul if rs == 0.0 => Form::Linear(ls * ri, li * ri),
+            ArithOp::Div if rs == 0.0 && ri != 0.0 => Form::Linear(ls / ri, li / ri),
+            // Products of two growing values and division by one do not compile.
+            ArithOp::Mul | ArithOp::Div => Form::Missing,
         },
-        Node::Neg(inner) => match linear(inner, at) {
-            Form::Linear(s, i) => Form::Linear(-s, -i),
-            other => other,
-        },
-        Node::Arith(op, l, r) => match (linear(l, at), linear(r, at)) {
-            (Form::Linear(ls, li), Form::Linear(rs, ri)) => match op {
-                ArithOp::Add => Form::Linear(ls + rs, li + ri),
-                ArithOp::Sub => Form::Linear(ls - rs, li - ri),
-                ArithOp::Mul if ls == 0.0 => Form::Linear(rs * li, ri * li),
-                ArithOp::Mul if rs == 0.0 => Form::Linear(ls * ri, li * ri),
-                ArithOp::Div if rs == 0.0 && ri != 0.0 => Form::Linear(ls / ri, li / ri),
-                // Products of two growing values and division by one do not compile.
-                ArithOp::Mul | ArithOp::Div => Form::Missing,
-            },
-            _ => Form::Missing,
-        },
-        _ => match at.value(node) {
-            Value::Num(n) => Form::Linear(0.0, n),
-            Value::Time(t) | Value::Dur(t) => Form::Linear(0.0, t as f64),
-            _ => Form::Missing,
-        },
+        _ => Form::Missing,
     }
 }
 

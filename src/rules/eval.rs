@@ -92,7 +92,7 @@ fn prop(value: Option<&PropValue>) -> Value<'_> {
     }
 }
 
-fn lit(lit: &Lit) -> Value<'_> {
+pub(super) fn lit(lit: &Lit) -> Value<'_> {
     match lit {
         Lit::Num(n) => Value::Num(*n),
         Lit::Str(s) => Value::Str(s),
@@ -297,7 +297,7 @@ pub fn compare(op: CmpOp, l: Value, r: Value) -> bool {
     }
 }
 
-fn arith<'a>(op: ArithOp, l: Value<'a>, r: Value<'a>) -> Value<'a> {
+pub(super) fn arith<'a>(op: ArithOp, l: Value<'a>, r: Value<'a>) -> Value<'a> {
     match (op, l, r) {
         (ArithOp::Add, Value::Num(a), Value::Num(b)) => Value::Num(a + b),
         (ArithOp::Sub, Value::Num(a), Value::Num(b)) => Value::Num(a - b),

@@ -11,6 +11,7 @@ use super::{DAY, HOUR, MINUTE, Millis, SECOND};
 use crate::emit::change::{Cause, SegmentChange};
 use crate::engine::Engine;
 use crate::event::parse_event;
+use crate::rules::deadline::{At, value_and_next_change};
 use crate::rules::eval::{Scope, eval};
 use crate::rules::{RuleSet, SegmentDef};
 use crate::state::new_store;
@@ -237,6 +238,35 @@ proptest! {
             instants.push(horizon - 1);
             for at in instants.into_iter().filter(|&t| t > now && t < horizon) {
                 prop_assert_eq!(answers(at), at_now.clone(), "changed at {} before the deadline {:?} (now {})", at, state.timer, now);
+            }
+        }
+    }
+
+    /// Finding a rule's next change evaluates the rule on the way (the engine takes that
+    /// value, not a second evaluation): it is the value evaluation gives, for both rules of
+    /// every segment, at every instant probed.
+    #[test]
+    fn the_value_found_with_the_next_change_is_the_rules_value(steps in steps(1), probes in prop::collection::vec(0.0f64..1.0, 8)) {
+        let engine = engine();
+        let rules = engine.rules().clone();
+        let mut out = Vec::new();
+        for (_, json) in events(&steps) {
+            let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
+            engine.apply(&event, &mut out);
+            let state = engine.store().read(&event.customer_id, Clone::clone).unwrap();
+            let now = state.clock;
+            // Now, either side of the deadline (where thresholds are crossed), and over 40 days.
+            let around_deadline = state.timer.into_iter().flat_map(|t| [t - 1, t]);
+            let instants = [now].into_iter().chain(around_deadline).chain(probes.iter().map(|p| now + (40.0 * DAY as f64 * p) as Millis));
+            for at in instants {
+                for segment in &rules.segments {
+                    for rule in std::iter::once(&segment.enter).chain(&segment.exit) {
+                        let scope = Scope::Customer { state: &state, now: at, session_gap: SESSION_GAP };
+                        let evaluated = eval(&rule.node, scope, &rules.slots);
+                        let found = At { state: &state, now: at, session_gap: SESSION_GAP, slots: &rules.slots };
+                        prop_assert_eq!(value_and_next_change(&rule.node, found).0, evaluated, "{} at {}", &*segment.id, at);
+                    }
+                }
             }
         }
     }
