@@ -106,17 +106,20 @@ pub(super) fn read_direct(text: &str) -> Option<Event> {
         }
         seen |= bit;
         match key {
-            "type" => event_type = Some(borrowed_str(reader.value(1)?)?),
-            "customer_id" => customer = Some(borrowed_str(reader.value(1)?)?),
+            "type" => event_type = Some(string_at(reader)?),
+            "customer_id" => customer = Some(string_at(reader)?),
             "ts" => {
-                ts = Some(match reader.value(1)? {
-                    Json::Str(Cow::Borrowed(text)) => time::parse_timestamp(text)?,
-                    Json::Num(n) => n.as_i64().filter(|ms| *ms >= 0)?,
-                    _ => return None,
+                ts = Some(if reader.peek()? == b'"' {
+                    time::parse_timestamp(reader.string()?)?
+                } else {
+                    match reader.value(1)? {
+                        Json::Num(n) => n.as_i64().filter(|ms| *ms >= 0)?,
+                        _ => return None,
+                    }
                 });
             }
-            "event_id" => event_id = optional_str(reader.value(1)?)?,
-            "session_id" => session_id = optional_str(reader.value(1)?)?,
+            "event_id" => event_id = optional_string_at(reader)?,
+            "session_id" => session_id = optional_string_at(reader)?,
             "properties" => {
                 let (mut items, mut nested_traits) = (None, None);
                 let scalars = scalar_members(reader, |key, value| {
@@ -287,19 +290,20 @@ fn is_container(value: &Json<'_>) -> bool {
     matches!(value, Json::Array(_) | Json::Object(_))
 }
 
-/// The text of a string value as the reader found it.
-fn borrowed_str(value: Json<'_>) -> Option<&str> {
-    match value {
-        Json::Str(Cow::Borrowed(text)) => Some(text),
+/// A string value at `reader`, read straight from the text (not built as a [`Json`] to be
+/// taken apart and dropped); `None` for another type.
+fn string_at<'a>(reader: &mut Reader<'a>) -> Option<&'a str> {
+    match reader.peek()? {
+        b'"' => reader.string(),
         _ => None,
     }
 }
 
-/// An optional string field: `Some(None)` for `null`, `None` for another type.
-fn optional_str(value: Json<'_>) -> Option<Option<&str>> {
-    match value {
-        Json::Null => Some(None),
-        other => borrowed_str(other).map(Some),
+/// An optional string field at `reader`: `Some(None)` for `null`, `None` for another type.
+fn optional_string_at<'a>(reader: &mut Reader<'a>) -> Option<Option<&'a str>> {
+    match reader.peek()? {
+        b'"' => reader.string().map(Some),
+        _ => matches!(reader.value(1)?, Json::Null).then_some(None),
     }
 }
 
