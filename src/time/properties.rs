@@ -14,7 +14,7 @@ use crate::event::parse_event;
 use crate::rules::deadline::{At, value_and_next_change};
 use crate::rules::eval::{Scope, eval};
 use crate::rules::{RuleSet, SegmentDef};
-use crate::state::new_store;
+use crate::state::{CustomerState, new_store};
 
 const START: Millis = 1_780_000_000_000;
 const SESSION_GAP: Millis = 30 * MINUTE;
@@ -205,6 +205,27 @@ fn customer(json: &str) -> &str {
         .unwrap()
 }
 
+/// Applies `steps`' events one by one to a fresh engine with [`timed_rules`], handing
+/// `check` the rules and the event's customer's state after each.
+fn after_each_event(
+    steps: &[Step],
+    mut check: impl FnMut(&RuleSet, &CustomerState) -> Result<(), TestCaseError>,
+) -> Result<(), TestCaseError> {
+    let engine = engine();
+    let rules = engine.rules().clone();
+    let mut out = Vec::new();
+    for (_, json) in events(steps) {
+        let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
+        engine.apply(&event, &mut out);
+        let state = engine
+            .store()
+            .read(&event.customer_id, Clone::clone)
+            .unwrap();
+        check(&rules, &state)?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
@@ -212,14 +233,7 @@ proptest! {
     /// rule the customer is subject to has the answer it had when the deadline was set.
     #[test]
     fn no_rule_changes_before_the_deadline(steps in steps(1), probes in prop::collection::vec(0.0f64..1.0, 8)) {
-        let engine = engine();
-        let rules = engine.rules().clone();
-        let mut out = Vec::new();
-        for (_, json) in events(&steps) {
-            let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
-            engine.apply(&event, &mut out);
-            let state = engine.store().read(&event.customer_id, Clone::clone).unwrap();
-            let state = &state;
+        after_each_event(&steps, |rules, state| {
             let now = state.clock;
             let horizon = state.timer.unwrap_or(now + 200 * DAY);
             prop_assert!(horizon > now);
@@ -239,7 +253,8 @@ proptest! {
             for at in instants.into_iter().filter(|&t| t > now && t < horizon) {
                 prop_assert_eq!(answers(at), at_now.clone(), "changed at {} before the deadline {:?} (now {})", at, state.timer, now);
             }
-        }
+            Ok(())
+        })?;
     }
 
     /// Finding a rule's next change evaluates the rule on the way (the engine takes that
@@ -247,13 +262,7 @@ proptest! {
     /// every segment, at every instant probed.
     #[test]
     fn the_value_found_with_the_next_change_is_the_rules_value(steps in steps(1), probes in prop::collection::vec(0.0f64..1.0, 8)) {
-        let engine = engine();
-        let rules = engine.rules().clone();
-        let mut out = Vec::new();
-        for (_, json) in events(&steps) {
-            let event = parse_event(json.as_bytes(), 1 << 16).unwrap();
-            engine.apply(&event, &mut out);
-            let state = engine.store().read(&event.customer_id, Clone::clone).unwrap();
+        after_each_event(&steps, |rules, state| {
             let now = state.clock;
             // Now, either side of the deadline (where thresholds are crossed), and over 40 days.
             let around_deadline = state.timer.into_iter().flat_map(|t| [t - 1, t]);
@@ -261,14 +270,15 @@ proptest! {
             for at in instants {
                 for segment in &rules.segments {
                     for rule in std::iter::once(&segment.enter).chain(&segment.exit) {
-                        let scope = Scope::Customer { state: &state, now: at, session_gap: SESSION_GAP };
+                        let scope = Scope::Customer { state, now: at, session_gap: SESSION_GAP };
                         let evaluated = eval(&rule.node, scope, &rules.slots);
-                        let found = At { state: &state, now: at, session_gap: SESSION_GAP, slots: &rules.slots };
+                        let found = At { state, now: at, session_gap: SESSION_GAP, slots: &rules.slots };
                         prop_assert_eq!(value_and_next_change(&rule.node, found).0, evaluated, "{} at {}", &*segment.id, at);
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
     }
 
     /// Interleaving customers' events differently — each moved by no more than the allowed
