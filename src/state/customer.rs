@@ -469,6 +469,29 @@ mod tests {
         parse_event(json.as_bytes(), 1 << 16).unwrap()
     }
 
+    /// The bound a timer basis keeps is never above the instant it was given: rounded
+    /// down to the second, "nothing known" below a second or before 1970, the most it
+    /// can hold for instants past 2106, and "never" kept as never.
+    #[test]
+    fn a_timer_basis_keeps_a_lower_bound_of_the_instant_it_is_given() {
+        let kept = |at: Millis| TimerBasis::new(0, at).others_not_before();
+        assert_eq!(kept(1_767_225_612_345), 1_767_225_612_000);
+        assert_eq!(kept(1_767_225_612_000), 1_767_225_612_000);
+        assert_eq!(kept(999), Millis::MIN);
+        assert_eq!(kept(-5_000), Millis::MIN);
+        assert_eq!(kept(Millis::MIN), Millis::MIN);
+        let far = 5_000_000_000_000_000;
+        assert!(kept(far) <= far && kept(far) > 4_000_000_000_000);
+        assert_eq!(kept(Millis::MAX), Millis::MAX);
+        assert_eq!(
+            kept(Millis::MAX - 1),
+            kept(far),
+            "below never: the most it holds"
+        );
+        assert_eq!(TimerBasis::default().segment, None);
+        assert_eq!(TimerBasis::default().others_not_before(), Millis::MIN);
+    }
+
     #[test]
     fn out_of_order_events_are_applied_where_they_belong() {
         let mut state = CustomerState::default();
