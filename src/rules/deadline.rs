@@ -23,7 +23,9 @@
 //! `count(…) >= n` that is false now stays false.
 
 use super::compile::{AggOp, ArithOp, CmpOp, Node, SlotSpec, StateField, grows_with_time};
-use super::eval::{Scope, Value, arith, compare, eval, lit, session_open};
+use super::eval::{
+    Scope, Value, arith, compare, eval, idle, in_list, negate, session_open, within,
+};
 use crate::state::CustomerState;
 use crate::state::slots::SlotState;
 use crate::time::Millis;
@@ -142,50 +144,35 @@ fn walk<'a>(node: &'a Node, at: At<'a>) -> Walked<'a> {
         }
         Node::In(inner, items) => {
             let inner = walk(inner, at);
-            let found = items
-                .iter()
-                .any(|item| compare(CmpOp::Eq, inner.value, lit(item)));
+            let found = in_list(inner.value, items);
             (Value::Bool(found), inner.next, Form::Missing)
         }
         Node::Neg(inner) => {
             let inner = walk(inner, at);
-            let value = match inner.value {
-                Value::Num(n) => Value::Num(-n),
-                Value::Dur(d) => Value::Dur(-d),
-                _ => Value::Null,
-            };
             let form = match inner.form {
                 Form::Linear(s, i) => Form::Linear(-s, -i),
                 Form::Missing => Form::Missing,
             };
-            (value, inner.next, form)
+            (negate(inner.value), inner.next, form)
         }
         Node::Idle(instant) => {
             let instant = walk(instant, at);
-            match instant.value {
-                Value::Time(t) => (
-                    Value::Dur(now - t),
-                    instant.next,
-                    Form::Linear(1.0, -(t as f64)),
-                ),
-                _ => (Value::Null, instant.next, Form::Missing),
-            }
+            let form = match instant.value {
+                Value::Time(t) => Form::Linear(1.0, -(t as f64)),
+                _ => Form::Missing,
+            };
+            (idle(instant.value, now), instant.next, form)
         }
         Node::Within(instant, length) => {
             let (instant, length) = (walk(instant, at), walk(length, at));
-            let (value, crossing) = match (instant.value, length.value) {
-                (Value::Time(t), Value::Dur(d)) => {
-                    let crossing = if now < t {
-                        Some(t)
-                    } else if now <= t.saturating_add(d) {
-                        Some(t.saturating_add(d).saturating_add(1))
-                    } else {
-                        None
-                    };
-                    (t <= now && now - t <= d, crossing)
+            let crossing = match (instant.value, length.value) {
+                (Value::Time(t), Value::Dur(_)) if now < t => Some(t),
+                (Value::Time(t), Value::Dur(d)) if now <= t.saturating_add(d) => {
+                    Some(t.saturating_add(d).saturating_add(1))
                 }
-                _ => (false, None),
+                _ => None,
             };
+            let value = within(instant.value, length.value, now);
             let next = earliest([crossing, instant.next, length.next]);
             (Value::Bool(value), next, Form::Missing)
         }

@@ -92,7 +92,7 @@ fn prop(value: Option<&PropValue>) -> Value<'_> {
     }
 }
 
-pub(super) fn lit(lit: &Lit) -> Value<'_> {
+fn lit(lit: &Lit) -> Value<'_> {
     match lit {
         Lit::Num(n) => Value::Num(*n),
         Lit::Str(s) => Value::Str(s),
@@ -110,11 +110,7 @@ pub fn eval<'a>(node: &'a Node, scope: Scope<'a>, slots: &'a [SlotSpec]) -> Valu
             Scope::Customer { .. } => Value::Null,
         },
         Node::Not(inner) => Value::Bool(!eval(inner, scope, slots).is_true()),
-        Node::Neg(inner) => match eval(inner, scope, slots) {
-            Value::Num(n) => Value::Num(-n),
-            Value::Dur(d) => Value::Dur(-d),
-            _ => Value::Null,
-        },
+        Node::Neg(inner) => negate(eval(inner, scope, slots)),
         Node::And(l, r) => {
             Value::Bool(eval(l, scope, slots).is_true() && eval(r, scope, slots).is_true())
         }
@@ -125,14 +121,7 @@ pub fn eval<'a>(node: &'a Node, scope: Scope<'a>, slots: &'a [SlotSpec]) -> Valu
             Value::Bool(compare(*op, eval(l, scope, slots), eval(r, scope, slots)))
         }
         Node::Arith(op, l, r) => arith(*op, eval(l, scope, slots), eval(r, scope, slots)),
-        Node::In(inner, items) => {
-            let value = eval(inner, scope, slots);
-            Value::Bool(
-                items
-                    .iter()
-                    .any(|item| compare(CmpOp::Eq, value, lit(item))),
-            )
-        }
+        Node::In(inner, items) => Value::Bool(in_list(eval(inner, scope, slots), items)),
         _ => match scope {
             Scope::Customer {
                 state,
@@ -211,18 +200,48 @@ fn eval_customer<'a>(
                 .is_some_and(|s| s.overdue(*within, now)),
         ),
         Node::InSegment(segment) => Value::Bool(state.is_member(*segment)),
-        Node::Idle(at) => match eval(at, scope, slots) {
-            Value::Time(t) => Value::Dur(now - t),
-            _ => Value::Null,
-        },
-        Node::Within(at, length) => match (eval(at, scope, slots), eval(length, scope, slots)) {
-            (Value::Time(t), Value::Dur(d)) => Value::Bool(t <= now && now - t <= d),
-            _ => Value::Bool(false),
-        },
+        Node::Idle(at) => idle(eval(at, scope, slots), now),
+        Node::Within(at, length) => Value::Bool(within(
+            eval(at, scope, slots),
+            eval(length, scope, slots),
+            now,
+        )),
         _ => {
             debug_assert!(false, "eval_customer called with a generic node");
             Value::Null
         }
+    }
+}
+
+/// `-value`: numbers and durations; anything else has none.
+pub(super) fn negate(value: Value<'_>) -> Value<'_> {
+    match value {
+        Value::Num(n) => Value::Num(-n),
+        Value::Dur(d) => Value::Dur(-d),
+        _ => Value::Null,
+    }
+}
+
+/// Whether `value` equals one of `items` (`in [..]`).
+pub(super) fn in_list(value: Value<'_>, items: &[Lit]) -> bool {
+    items
+        .iter()
+        .any(|item| compare(CmpOp::Eq, value, lit(item)))
+}
+
+/// `idle(instant)` at `now`: the time since it, or nothing without an instant.
+pub(super) fn idle(instant: Value<'_>, now: Millis) -> Value<'static> {
+    match instant {
+        Value::Time(t) => Value::Dur(now - t),
+        _ => Value::Null,
+    }
+}
+
+/// `within(instant, length)` at `now`: the instant has passed, by no more than `length`.
+pub(super) fn within(instant: Value<'_>, length: Value<'_>, now: Millis) -> bool {
+    match (instant, length) {
+        (Value::Time(t), Value::Dur(d)) => t <= now && now - t <= d,
+        _ => false,
     }
 }
 
