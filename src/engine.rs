@@ -670,6 +670,64 @@ mod tests {
         );
     }
 
+    /// `Earliest` keeps the first next change (with its segment; on a tie, the lower
+    /// segment, as a full recomputation's minimum gives) and the instant of the second,
+    /// whichever order they are added in and however two sets are merged: the timer
+    /// basis's bound is that second instant, and one kept too late would let a timer
+    /// miss a change.
+    #[test]
+    fn earliest_keeps_the_first_next_change_and_the_second_instant() {
+        let changes = [
+            (Some(50), 3),
+            (None, 0),
+            (Some(20), 5),
+            (Some(40), 1),
+            (Some(20), 2),
+        ];
+        let mut one = Earliest::NONE;
+        for (next, segment) in changes {
+            one.add(next, segment);
+        }
+        assert_eq!(
+            one,
+            Earliest {
+                first: Some((20, 2)),
+                second: 20
+            }
+        );
+        let mut reversed = Earliest::NONE;
+        for (next, segment) in changes.into_iter().rev() {
+            reversed.add(next, segment);
+        }
+        assert_eq!(reversed, one);
+        // Split either way, then merged: the same.
+        for split in 0..=changes.len() {
+            let (left, right) = changes.split_at(split);
+            let of = |part: &[(Option<Millis>, u16)]| {
+                let mut found = Earliest::NONE;
+                for &(next, segment) in part {
+                    found.add(next, segment);
+                }
+                found
+            };
+            assert_eq!(of(left).merge(of(right)), one, "split at {split}");
+            assert_eq!(
+                of(right).merge(of(left)),
+                one,
+                "split at {split}, the other way"
+            );
+        }
+        let mut single = Earliest::NONE;
+        single.add(Some(7), 4);
+        assert_eq!(
+            single,
+            Earliest {
+                first: Some((7, 4)),
+                second: Millis::MAX
+            }
+        );
+    }
+
     /// An event that moves the timer's own segment later keeps only what it can prove
     /// first: here a cart change moves `idle_cart`'s next change past `exit_intent`'s,
     /// which an exit intent set — after the timer, and not a millisecond before the
