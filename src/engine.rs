@@ -371,9 +371,9 @@ impl Engine {
 
     /// Brings the customer's timer up to date after an event that re-evaluated the
     /// time-dependent segments `touched` (and no other: the others' inputs and
-    /// memberships are as they were when their next changes were computed), whose next
-    /// changes the evaluation `found`. The others' are computed only if what the
-    /// [`TimerBasis`] knows of them cannot show that none comes first.
+    /// memberships are as they were when their next changes were computed); `found` holds
+    /// the touched ones' next changes, from the evaluation. The others' are computed only
+    /// if what the [`TimerBasis`] knows of them cannot show that none comes first.
     fn update_timer(
         &self,
         state: &mut CustomerState,
