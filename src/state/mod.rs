@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod customer;
 pub mod pack;
+pub mod prefetch;
 pub mod recent;
 pub mod slots;
 pub mod store;

@@ -232,6 +232,16 @@ pub struct CustomerStore {
     write_hook: Arc<OnceLock<WriteHook>>,
 }
 
+/// How far [`CustomerStore::prefetch`] reaches into a customer's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// The state itself.
+    State,
+    /// The vectors the state points to (slots, segments, cart, context, traits,
+    /// categories).
+    Parts,
+}
+
 /// What a sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
@@ -338,6 +348,23 @@ impl CustomerStore {
             Stored::Active(active) => active.state,
             idle => idle.state(&self.dictionaries).into_owned(),
         })
+    }
+
+    /// Starts loading a customer's memory into the CPU's cache without waiting for it
+    /// ([`prefetch`](super::prefetch)), for a reader about to go through many customers
+    /// cold in the cache. `Reach::State` asks for the state; `Reach::Parts` for the
+    /// vectors it points to, found in the state — so ask for the state some customers
+    /// earlier. Unknown and idle customers are left alone.
+    pub fn prefetch(&self, id: &str, reach: Reach) {
+        let Some(stored) = self.map.get(id) else {
+            return;
+        };
+        if let Stored::Active(active) = &*stored {
+            match reach {
+                Reach::State => super::prefetch::value(&**active),
+                Reach::Parts => active.state.prefetch_parts(),
+            }
+        }
     }
 
     /// Calls `read` with the customer's state, if known (an idle one is decoded for the
@@ -522,6 +549,29 @@ mod tests {
         assert_eq!(*woken, state(2, 5));
         drop(woken);
         assert!(matches!(*store.map.get("a").unwrap(), Stored::Active(_)));
+    }
+
+    /// Asking for a customer's memory ahead is a hint and nothing more: an idle customer
+    /// stays idle (not decoded), an active one unchanged and still unused for the next
+    /// sweep, an unknown one unknown.
+    #[test]
+    fn prefetching_changes_nothing() {
+        let store = CustomerStore::new();
+        store.insert("a".into(), state(2, 5));
+        store.insert("b".into(), state(3, 7));
+        store.compact_idle();
+        store.get_mut("b").unwrap().customer.events += 1;
+        store.compact_idle(); // a idle, b active
+        for reach in [Reach::State, Reach::Parts] {
+            for id in ["a", "b", "unknown"] {
+                store.prefetch(id, reach);
+            }
+        }
+        assert!(matches!(*store.map.get("a").unwrap(), Stored::Idle(_)));
+        assert_eq!(store.read("b", |s| s.customer.events), Some(8));
+        assert_eq!(store.len(), 2);
+        // b was not used since the last sweep: prefetching it did not count as a use.
+        assert_eq!(store.compact_idle().encoded, 1);
     }
 
     /// A customer written to while a sweep encodes its copy stays active, with the write:
