@@ -12,6 +12,7 @@
 //! partition is committed: a restart re-reads it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -55,12 +56,23 @@ struct PartitionState {
 pub struct OffsetTracker {
     partitions: Mutex<HashMap<PartitionKey, PartitionState>>,
     drained: Condvar,
+    /// How many [`drain`](Self::drain)s wait on `drained`; changed and read only under the
+    /// lock. A partition empties many times a second and a wake-up is a system call, so
+    /// it is made only when someone waits.
+    draining: AtomicUsize,
 }
 
 impl OffsetTracker {
     /// A tracker with nothing in flight.
     pub fn new() -> Arc<Self> {
         Arc::new(OffsetTracker::default())
+    }
+
+    /// Wakes the drains waiting, if any (called under the lock).
+    fn wake_drains(&self) {
+        if self.draining.load(Ordering::Relaxed) > 0 {
+            self.drained.notify_all();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<PartitionKey, PartitionState>> {
@@ -138,7 +150,7 @@ impl OffsetTracker {
                 state.registered = Some(offset - 1).filter(|&o| o >= 0);
             }
             if state.in_flight.is_empty() {
-                self.drained.notify_all();
+                self.wake_drains();
             }
         }
     }
@@ -168,7 +180,7 @@ impl OffsetTracker {
             state.completed = completed.store;
         }
         if state.in_flight.is_empty() {
-            self.drained.notify_all();
+            self.wake_drains();
         }
         completed
     }
@@ -213,11 +225,13 @@ impl OffsetTracker {
                 }
                 return false;
             }
+            self.draining.fetch_add(1, Ordering::Relaxed);
             partitions = self
                 .drained
                 .wait_timeout(partitions, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            self.draining.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -406,6 +420,31 @@ mod tests {
             Completed::default(),
             "a late acknowledgement is ignored"
         );
+    }
+
+    /// Wake-ups are made only while a drain waits: the one waiting is woken by the
+    /// acknowledgement that empties its partition, not left to its timeout.
+    #[test]
+    fn a_waiting_drain_is_woken_by_the_acknowledgement_that_empties_it() {
+        let tracker = OffsetTracker::new();
+        tracker.begin(&key(0), 1, 1, Instant::now());
+        let (done, finished) = std::sync::mpsc::channel();
+        let drainer = {
+            let tracker = tracker.clone();
+            std::thread::spawn(move || {
+                let drained = tracker.drain(|k| k.1 == 0, Duration::from_secs(3_600));
+                done.send(drained).unwrap();
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tracker.draining.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the drain never waited");
+            std::thread::yield_now();
+        }
+        tracker.acknowledged(&key(0), 1);
+        let drained = finished.recv_timeout(Duration::from_secs(30));
+        assert_eq!(drained, Ok(true), "the drain was not woken");
+        drainer.join().unwrap();
     }
 
     #[test]
