@@ -1135,6 +1135,10 @@ impl Pipeline {
         changes: &[SegmentChange],
         mut ticket: impl FnMut() -> Box<Ticket>,
     ) -> Result<(), KafkaError> {
+        // Most events change nothing: no clock read for them.
+        if changes.is_empty() {
+            return Ok(());
+        }
         let emitted_at = self.clock.now();
         for change in changes {
             let (payload, headers) = change_payload(change, emitted_at);
