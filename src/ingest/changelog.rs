@@ -534,11 +534,11 @@ impl Changelog {
     }
 
     /// Calls `each` with every one of `customers` in turn, having asked for the memory of
-    /// the customers a few places ahead ([`crate::state::CustomerStore::prefetch`]): for encodings the
-    /// consume loop or the rebalance callback waits for. Customers changed about a commit
-    /// interval ago are cold in the cache, and their encoding waits on memory most of the
-    /// time: `restore/encode_100k_customers_from_the_store` in `benches/engine.rs` takes
-    /// about twice as long as its `_prefetched` twin.
+    /// the customers a few places ahead ([`crate::state::CustomerStore::prefetch`]): for
+    /// encodings the consume loop or the rebalance callback waits for. Customers changed
+    /// up to a commit interval ago are cold in the cache, and their encoding waits on
+    /// memory most of the time: `restore/encode_100k_customers_from_the_store` in
+    /// `benches/engine.rs` takes about twice as long as its `_prefetched` twin.
     fn with_prefetch(&self, mut customers: Vec<Box<str>>, mut each: impl FnMut(Box<str>)) {
         /// How many customers ahead the state is asked for; half as many, its vectors.
         const AHEAD: usize = 8;

@@ -207,7 +207,8 @@ pub struct Membership {
 
 impl CustomerState {
     /// Starts loading the vectors the state points to into the CPU's cache
-    /// ([`prefetch`](super::prefetch)): see [`CustomerStore::prefetch`](super::CustomerStore::prefetch).
+    /// ([`prefetch`](super::prefetch)); see
+    /// [`CustomerStore::prefetch`](super::CustomerStore::prefetch).
     pub fn prefetch_parts(&self) {
         use super::prefetch::slice;
         slice(&self.slots);

@@ -1,11 +1,12 @@
 //! Asking the CPU to start loading memory into its cache without waiting for it.
 //!
-//! The changelog's encoder reads customers changed about a second earlier, long gone from
-//! the cache: encoding a state cold takes about a microsecond, warm about a fifth of that
-//! (`restore/encode_100k_customers_cold` against `restore/encode_100k_customers` in
+//! A changelog checkpoint encodes customers changed up to a commit interval earlier, long
+//! gone from the cache: encoding a state cold takes about a microsecond, warm about a fifth
+//! of that (`restore/encode_100k_customers_cold` against `restore/encode_100k_customers` in
 //! `benches/engine.rs`), and most of the difference is waiting for memory, one pointer
 //! after another (the map's slot, the state, its vectors). Asking for the next customers'
-//! memory while one is encoded overlaps those waits.
+//! memory while one is encoded overlaps those waits: the checkpoints someone waits for do
+//! (`Changelog::with_prefetch`).
 
 /// The cache line size of the machines this runs on (x86-64 and most ARM cores).
 const LINE: usize = 64;
