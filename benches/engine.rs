@@ -16,7 +16,6 @@ use segmentd::generate::{Format, Generator, GeneratorConfig, rules_toml};
 use segmentd::ingest::restore::Loader;
 use segmentd::rules::eval::{Scope, eval};
 use segmentd::state::codec::{Snapshot, encode};
-use segmentd::state::store::Reach;
 use segmentd::state::{CustomerState, new_store};
 use segmentd::time::wheel::TimerWheel;
 
@@ -367,13 +366,14 @@ fn restore(c: &mut Criterion) {
             }
         })
     });
-    // As the changelog's encoder does it: read from the store by id, and with the
-    // memory of customers a few ahead asked for meanwhile (`CustomerStore::prefetch`).
+    // As the changelog does it: read from the store by id; and, as its checkpoints that
+    // someone waits for do, with the memory of customers a few ahead asked for meanwhile
+    // (`CustomerStore::with_prefetch`).
     let store = new_store();
     for (i, state) in copies.into_iter().enumerate() {
         store.insert(format!("customer-{i}").into(), state);
     }
-    let ids: Vec<String> = (0..CUSTOMERS)
+    let mut ids: Vec<String> = (0..CUSTOMERS)
         .map(|i| format!("customer-{}", i * 7_919 % CUSTOMERS))
         .collect();
     group.bench_function("encode_100k_customers_from_the_store", |b| {
@@ -385,15 +385,9 @@ fn restore(c: &mut Criterion) {
     });
     group.bench_function("encode_100k_customers_from_the_store_prefetched", |b| {
         b.iter(|| {
-            for (i, id) in ids.iter().enumerate() {
-                if let Some(ahead) = ids.get(i + 8) {
-                    store.prefetch(ahead, Reach::State);
-                }
-                if let Some(near) = ids.get(i + 4) {
-                    store.prefetch(near, Reach::Parts);
-                }
+            store.with_prefetch(&mut ids, |id| {
                 black_box(store.read(id, encode));
-            }
+            })
         })
     });
     group.finish();

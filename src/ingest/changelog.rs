@@ -69,7 +69,6 @@ use crate::emit::producer::send_blocking;
 use crate::engine::Engine;
 use crate::state::CustomerState;
 use crate::state::codec::{RulesDictionary, Summary, encode};
-use crate::state::store::Reach;
 
 /// How long a checkpoint may wait for its messages' outputs before it is reported.
 const STALLED: Duration = Duration::from_secs(10);
@@ -350,7 +349,7 @@ impl Changelog {
             // Nothing of an input partition applied yet: no position for it.
             positions.retain(|(_, offset)| *offset >= 0);
             positions.sort_unstable();
-            let changed = time.take_changed();
+            let mut changed = time.take_changed();
             if changed.is_empty() {
                 let mut logs = self.lock();
                 let log = logs.entry(number).or_default();
@@ -382,12 +381,13 @@ impl Changelog {
             };
             if !deferred {
                 let mut records = Vec::with_capacity(changed.len());
-                self.with_prefetch(changed, |customer| {
-                    let value = self.engine.store().read(&customer, |state| {
+                let store = self.engine.store();
+                store.with_prefetch(&mut changed, |customer| {
+                    let value = store.read(customer, |state| {
                         self.encode_state(&checkpoint.named, state)
                     });
                     if let Some(value) = value {
-                        records.push((customer, value));
+                        records.push((std::mem::take(customer), value));
                     }
                 });
                 checkpoint.records = records;
@@ -495,8 +495,9 @@ impl Changelog {
     /// [`IN_FLIGHT_WAIT`].
     fn encode_frozen(&self, which: impl Fn(i32, u64) -> bool) {
         if self.frozen_count.load(Ordering::Relaxed) > 0 {
-            let frozen = self.frozen_ids(&which, usize::MAX);
-            self.with_prefetch(frozen, |customer| self.encode_one(&customer));
+            let mut frozen = self.frozen_ids(&which, usize::MAX);
+            let store = self.engine.store();
+            store.with_prefetch(&mut frozen, |customer| self.encode_one(customer));
         }
         let deadline = Instant::now() + IN_FLIGHT_WAIT;
         let mut logs = self.lock();
@@ -531,27 +532,6 @@ impl Changelog {
             .take(limit)
             .map(|(customer, _)| customer.clone())
             .collect()
-    }
-
-    /// Calls `each` with every one of `customers` in turn, having asked for the memory of
-    /// the customers a few places ahead ([`crate::state::CustomerStore::prefetch`]): for
-    /// encodings the consume loop or the rebalance callback waits for. Customers changed
-    /// up to a commit interval ago are cold in the cache, and their encoding waits on
-    /// memory most of the time: `restore/encode_100k_customers_from_the_store` in
-    /// `benches/engine.rs` takes about twice as long as its `_prefetched` twin.
-    fn with_prefetch(&self, mut customers: Vec<Box<str>>, mut each: impl FnMut(Box<str>)) {
-        /// How many customers ahead the state is asked for; half as many, its vectors.
-        const AHEAD: usize = 8;
-        let store = self.engine.store();
-        for i in 0..customers.len() {
-            if let Some(ahead) = customers.get(i + AHEAD) {
-                store.prefetch(ahead, Reach::State);
-            }
-            if let Some(near) = customers.get(i + AHEAD / 2) {
-                store.prefetch(near, Reach::Parts);
-            }
-            each(std::mem::take(&mut customers[i]));
-        }
     }
 
     /// Encodes frozen customer `customer`, if it still is frozen.
@@ -733,7 +713,7 @@ fn encode_in_background(changelog: &Weak<Changelog>) {
             return;
         }
         // One at a time, without asking for the next ones' memory ahead as the encodings
-        // waited for do (`Changelog::with_prefetch`): here nobody waits, and prefetching
+        // waited for do (`CustomerStore::with_prefetch`): here nobody waits, and prefetching
         // made the service slower — at 50,000 events/s its p99 rose from 40 to 54 ms
         // (BENCHMARKS.md).
         for customer in batch {

@@ -6,7 +6,7 @@
 //! `benches/engine.rs`), and most of the difference is waiting for memory, one pointer
 //! after another (the map's slot, the state, its vectors). Asking for the next customers'
 //! memory while one is encoded overlaps those waits: the checkpoints someone waits for do
-//! (`Changelog::with_prefetch`).
+//! (`CustomerStore::with_prefetch`).
 
 /// The cache line size of the machines this runs on (x86-64 and most ARM cores).
 const LINE: usize = 64;

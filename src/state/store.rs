@@ -234,7 +234,7 @@ pub struct CustomerStore {
 
 /// How far [`CustomerStore::prefetch`] reaches into a customer's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reach {
+enum Reach {
     /// The state itself.
     State,
     /// The vectors the state points to (slots, segments, cart, context, traits,
@@ -350,12 +350,31 @@ impl CustomerStore {
         })
     }
 
-    /// Starts loading a customer's memory into the CPU's cache without waiting for it
-    /// ([`prefetch`](super::prefetch)), for a reader about to go through many customers
-    /// cold in the cache. `Reach::State` asks for the state; `Reach::Parts` for the
-    /// vectors it points to, found in the state — so ask for the state some customers
-    /// earlier. Unknown and idle customers are left alone.
-    pub fn prefetch(&self, id: &str, reach: Reach) {
+    /// Calls `each` with every one of `ids` in turn, having asked the CPU for the memory of
+    /// the customers a few places ahead ([`prefetch`](super::prefetch)): for a reader
+    /// going through many customers cold in the cache — a changelog checkpoint someone
+    /// waits for, whose customers changed up to a commit interval ago. Reading them waits
+    /// on memory most of the time: `restore/encode_100k_customers_from_the_store` in
+    /// `benches/engine.rs` takes about twice as long as its `_prefetched` twin.
+    pub fn with_prefetch<T: AsRef<str>>(&self, ids: &mut [T], mut each: impl FnMut(&mut T)) {
+        /// How many customers ahead the state is asked for; half as many, its vectors.
+        const AHEAD: usize = 8;
+        for i in 0..ids.len() {
+            if let Some(ahead) = ids.get(i + AHEAD) {
+                self.prefetch(ahead.as_ref(), Reach::State);
+            }
+            if let Some(near) = ids.get(i + AHEAD / 2) {
+                self.prefetch(near.as_ref(), Reach::Parts);
+            }
+            each(&mut ids[i]);
+        }
+    }
+
+    /// Starts loading a customer's memory into the CPU's cache without waiting for it.
+    /// `Reach::State` asks for the state; `Reach::Parts` for the vectors it points to,
+    /// found in the state — so ask for the state some customers earlier. Unknown and idle
+    /// customers are left alone.
+    fn prefetch(&self, id: &str, reach: Reach) {
         let Some(stored) = self.map.get(id) else {
             return;
         };
@@ -549,6 +568,23 @@ mod tests {
         assert_eq!(*woken, state(2, 5));
         drop(woken);
         assert!(matches!(*store.map.get("a").unwrap(), Stored::Active(_)));
+    }
+
+    /// Every id is handed over once, in order — the first few, the last few within the
+    /// look-ahead, unknown ones — whatever memory is asked for meanwhile.
+    #[test]
+    fn with_prefetch_hands_over_every_id_in_order() {
+        let store = CustomerStore::new();
+        let mut ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+        for id in ids.iter().step_by(2) {
+            store.insert(id.as_str().into(), state(0, 1));
+        }
+        let expected = ids.clone();
+        let mut seen = Vec::new();
+        store.with_prefetch(&mut ids, |id| seen.push(std::mem::take(id)));
+        assert_eq!(seen, expected);
+        let mut none: Vec<String> = Vec::new();
+        store.with_prefetch(&mut none, |_| panic!("no id to hand over"));
     }
 
     /// Asking for a customer's memory ahead is a hint and nothing more: an idle customer
