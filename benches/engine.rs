@@ -10,12 +10,11 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use segmentd::config::Config;
-use segmentd::engine::{Engine, Outcome};
+use segmentd::engine::Engine;
 use segmentd::event::{Event, parse_event};
 use segmentd::generate::{Format, Generator, GeneratorConfig, rules_toml};
 use segmentd::ingest::restore::Loader;
 use segmentd::rules::eval::{Scope, eval};
-use segmentd::state::changed::ChangedStates;
 use segmentd::state::codec::{Snapshot, encode};
 use segmentd::state::{CustomerState, new_store};
 use segmentd::time::wheel::TimerWheel;
@@ -135,30 +134,6 @@ fn per_event_path(c: &mut Criterion) {
         b.iter_batched(
             || parse_and_apply(reference_engine(), history),
             |engine| parse_and_apply(engine, timed),
-            criterion::BatchSize::LargeInput,
-        )
-    });
-    // As the service runs it with a changelog: each changed customer's state encoded
-    // right after its event, for the next checkpoint (`ChangedStates`).
-    group.bench_function("parse_apply_reference_rules_warm_recording_changes", |b| {
-        b.iter_batched(
-            || {
-                (
-                    parse_and_apply(reference_engine(), history),
-                    ChangedStates::new(),
-                )
-            },
-            |(engine, mut changed)| {
-                let mut changes = Vec::new();
-                for message in timed {
-                    let event = parse_event(message, 1 << 16).expect("generated events parse");
-                    changes.clear();
-                    if let Outcome::Applied { .. } = engine.apply(&event, &mut changes) {
-                        changed.note(engine.store(), &event.customer_id);
-                    }
-                }
-                (engine, changed)
-            },
             criterion::BatchSize::LargeInput,
         )
     });
@@ -368,8 +343,9 @@ fn restore(c: &mut Criterion) {
             criterion::BatchSize::LargeInput,
         )
     });
-    // The other half of the changelog: encoding states (as a checkpoint's records). Here
-    // the states repeat every 5,000 and stay in the cache.
+    // The other half of the changelog: encoding a checkpoint's states (on the encoder
+    // thread, once per commit interval for every customer changed in it). Here the
+    // states repeat every 5,000 and stay in the cache.
     group.bench_function("encode_100k_customers", |b| {
         b.iter(|| {
             for i in 0..CUSTOMERS {
@@ -377,9 +353,9 @@ fn restore(c: &mut Criterion) {
             }
         })
     });
-    // The same encoding cold: 100,000 distinct states (deep copies), visited in a
-    // scattered order, so that each is cold in the cache — as a checkpoint finds a
-    // customer changed about a second before.
+    // The same encoding as the service meets it: 100,000 distinct states (deep copies),
+    // visited in a scattered order, so that each is cold in the cache as the changelog's
+    // encoder finds a customer changed about a second before.
     let copies: Vec<CustomerState> = (0..CUSTOMERS)
         .map(|i| states[i % states.len()].clone())
         .collect();
@@ -390,13 +366,14 @@ fn restore(c: &mut Criterion) {
             }
         })
     });
-    // As the changelog did until it encoded states when they changed: read from the store
-    // by id, cold.
+    // As the changelog does it: read from the store by id; and, as its checkpoints that
+    // someone waits for do, with the memory of customers a few ahead asked for meanwhile
+    // (`CustomerStore::with_prefetch`).
     let store = new_store();
     for (i, state) in copies.into_iter().enumerate() {
         store.insert(format!("customer-{i}").into(), state);
     }
-    let ids: Vec<String> = (0..CUSTOMERS)
+    let mut ids: Vec<String> = (0..CUSTOMERS)
         .map(|i| format!("customer-{}", i * 7_919 % CUSTOMERS))
         .collect();
     group.bench_function("encode_100k_customers_from_the_store", |b| {
@@ -404,6 +381,13 @@ fn restore(c: &mut Criterion) {
             for id in &ids {
                 black_box(store.read(id, encode));
             }
+        })
+    });
+    group.bench_function("encode_100k_customers_from_the_store_prefetched", |b| {
+        b.iter(|| {
+            store.with_prefetch(&mut ids, |id| {
+                black_box(store.read(id, encode));
+            })
         })
     });
     group.finish();

@@ -320,7 +320,7 @@ impl Engine {
 
     /// Fires every timer in `timers` due at `watermark`, in deadline order, rescheduling
     /// each customer's next one (which may itself be due); `on_fire` hears of each
-    /// customer fired, after its timer fired. Returns how many fired.
+    /// customer fired. Returns how many fired.
     pub fn fire_due(
         &self,
         timers: &mut TimerWheel,
@@ -330,8 +330,8 @@ impl Engine {
     ) -> u64 {
         let mut fired = 0;
         while let Some((customer, deadline)) = timers.pop_due(watermark) {
-            let next = self.fire(&customer, deadline, out);
             on_fire(&customer);
+            let next = self.fire(&customer, deadline, out);
             timers.reschedule(customer, next);
             fired += 1;
         }

@@ -282,7 +282,7 @@ impl IngestContext {
             return false;
         }
         let changelog = &durable.changelog;
-        changelog.checkpoint(numbers, &self.partitions, &self.tracker);
+        changelog.checkpoint(numbers, &self.partitions, &self.tracker, false);
         if let Err(err) = changelog.release(&self.tracker, consumer) {
             tracing::warn!(error = %err, "Changelog write before revocation failed.");
             return false;

@@ -148,7 +148,7 @@ pub async fn run(
     let transactions = (config.delivery.mode == DeliveryMode::ExactlyOnce)
         .then(|| Transactions::new(&config.transactional_id(), metrics.clone()));
     let durable = (!config.kafka.changelog_topic.is_empty()).then(|| Durable {
-        changelog: Changelog::new(&config.kafka.changelog_topic, engine.rules()),
+        changelog: Changelog::new(&config.kafka.changelog_topic, &engine),
         restorer: Arc::new(Restorer::new(
             &config,
             engine.clone(),
@@ -308,7 +308,7 @@ pub async fn run(
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // At least once, a tick takes the checkpoints of one slice of the partitions (by
     // number), `CHECKPOINT_SLICES` ticks per commit interval: every partition once per
-    // interval, and one slice's records sent at a time.
+    // interval, and the encoding of one slice's changed customers at a time.
     // Exactly once, a tick commits every partition's transaction together.
     let slices = if transactions.is_some() {
         1
@@ -346,7 +346,7 @@ pub async fn run(
                         break;
                     }
                 } else {
-                    pipeline.checkpoint(|number| number.rem_euclid(slices) == slice);
+                    pipeline.checkpoint(|number| number.rem_euclid(slices) == slice, true);
                     slice = (slice + 1) % slices;
                     if let Err(err) = pipeline.send_checkpoints() {
                         failure.record(err);
@@ -412,7 +412,7 @@ pub async fn run(
         let mut drained = drain(&producer, &tracker).await;
         if drained && pipeline.changelog.is_some() {
             // A last checkpoint of every partition: the next owner restores exactly this.
-            pipeline.checkpoint(|_| true);
+            pipeline.checkpoint(|_| true, false);
             drained = pipeline.send_checkpoints().is_ok() && pipeline.settle().await;
         }
         if drained {
@@ -570,9 +570,9 @@ async fn commit_final(
 const COMMIT_ATTEMPTS: u32 = 20;
 
 /// Into how many slices (by partition number) the at-least-once checkpoints of one commit
-/// interval are spread: each checkpoint's records go to the producer (and the broker) a
-/// quarter at a time rather than all at once, so the changes' records do not queue behind
-/// all of them.
+/// interval are spread: a checkpoint encodes its partitions' changed customers on the
+/// consume loop's thread, and a quarter of them at a time keeps events from queueing
+/// behind all of them at once.
 const CHECKPOINT_SLICES: i32 = 4;
 
 /// How often idle partitions' watermarks are moved on by the wall clock and their due
@@ -861,8 +861,9 @@ impl Pipeline {
             .contains(&number)
     }
 
-    /// Takes a changelog checkpoint of the partitions `which` selects.
-    fn checkpoint(&self, which: impl Fn(i32) -> bool) {
+    /// Takes a changelog checkpoint of the partitions `which` selects; `deferred`: their
+    /// customers encoded off the loop (see [`changelog`]).
+    fn checkpoint(&self, which: impl Fn(i32) -> bool, deferred: bool) {
         let Some(changelog) = &self.changelog else {
             return;
         };
@@ -870,7 +871,7 @@ impl Pipeline {
             let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
             partitions.keys().copied().filter(|&n| which(n)).collect()
         };
-        changelog.checkpoint(&numbers, &self.partitions, &self.tracker);
+        changelog.checkpoint(&numbers, &self.partitions, &self.tracker, deferred);
     }
 
     /// Hands the checkpoints whose messages' outputs are acknowledged to the changelog's

@@ -129,27 +129,6 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// of the reference rules.
 pub const ENCODED_CAPACITY: usize = 512;
 
-/// Appends to `into` the part of a state record that depends on the state alone — its
-/// [`Summary`] and the state itself, as [`encode`] writes them for a [`Snapshot`]. With
-/// [`record_head`] in front, the bytes are that record: postcard writes a struct's
-/// fields one after the other. So the changelog encodes a customer when it changes, with
-/// its state in cache, and adds the positions of the checkpoint that writes it later.
-pub fn encode_state_part(state: &CustomerState, into: &mut Vec<u8>) {
-    let part = (Summary::of(state), state);
-    // As in `encode`: these types have no serde error.
-    let bytes =
-        postcard::to_extend(&part, std::mem::take(into)).expect("state types always serialize");
-    *into = bytes;
-}
-
-/// The start of a state record — the version byte, the rules' fingerprint and the
-/// positions — to which a state's [`encode_state_part`] is appended.
-pub fn record_head(rules: u64, positions: &[(Box<str>, i64)]) -> Vec<u8> {
-    let head = vec![FORMAT_VERSION];
-    postcard::to_extend(&(rules, positions), head)
-        .expect("plain numbers and strings always serialize")
-}
-
 /// Decodes a record written by [`encode`] (a rules dictionary, or a state record of
 /// this version; [`read_record`] reads state records of every version).
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
@@ -361,23 +340,6 @@ mod tests {
             assert_eq!(record.summary.as_ref(), Some(&snapshot.summary));
             assert_eq!((record.rules, &record.positions), (fingerprint, &positions));
             assert_eq!(decode_state(record.state).unwrap(), snapshot.state, "{id}");
-        }
-    }
-
-    /// A record put together from its head and its state's part is byte for byte the
-    /// record of the whole snapshot, for every generated customer.
-    #[test]
-    fn a_head_and_a_state_part_make_the_snapshot_record() {
-        let rules = reference_rules();
-        let fingerprint = rules.fingerprint;
-        let positions: Vec<(Box<str>, i64)> =
-            vec![("clickstream".into(), 41), ("purchases".into(), 7)];
-        let head = record_head(fingerprint, &positions);
-        for (id, state) in generated_states(rules) {
-            let mut record = head.clone();
-            encode_state_part(&state, &mut record);
-            let snapshot = Snapshot::new(fingerprint, positions.clone(), state);
-            assert_eq!(record, encode(&snapshot), "{id}");
         }
     }
 

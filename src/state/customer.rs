@@ -206,6 +206,19 @@ pub struct Membership {
 }
 
 impl CustomerState {
+    /// Starts loading the vectors the state points to into the CPU's cache
+    /// ([`prefetch`](super::prefetch)); see
+    /// [`CustomerStore::prefetch`](super::CustomerStore::prefetch).
+    pub fn prefetch_parts(&self) {
+        use super::prefetch::slice;
+        slice(&self.slots);
+        slice(&self.segments);
+        slice(&self.cart.lines);
+        slice(&self.context);
+        slice(&self.traits);
+        slice(&self.categories);
+    }
+
     /// Whether an event with this dedup key was applied recently; if not, remembers it.
     /// Returns `true` for a replay.
     pub fn check_and_remember(&mut self, dedup_key: u64) -> bool {

@@ -22,7 +22,7 @@
 //! (about a microsecond more).
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use dashmap::mapref::one::MappedRefMut;
@@ -207,13 +207,17 @@ fn decode_state_bytes(partition: i32, bytes: &[u8]) -> CustomerState {
 /// A customer's state borrowed for writing (the map's lock of its shard held).
 pub type StateMut<'a> = MappedRefMut<'a, Text, Stored, CustomerState>;
 
+/// Called with a customer's id and state each time the state is borrowed for writing,
+/// before the borrower sees it, under the customer's lock: a changelog checkpoint that
+/// has not yet copied the state takes it here, as it was at the checkpoint.
+pub type WriteHook = Box<dyn Fn(&str, &CustomerState) + Send + Sync>;
+
 /// Shards of the store's map, each behind a lock of its own. DashMap's default is four
-/// per core, 8 on two cores; but other threads than the consume loop hold a shard's lock
-/// now and then (the sweeper, restores, the HTTP API's reads — and, earlier, the
-/// changelog's encoder, tens of thousands of times a second at a lower priority, so
-/// sometimes preempted while holding it), and a write of the loop to the same shard
-/// waits. With 8 shards, at 50,000 events/s, the loop waited for a shard 419 times in 5 s
-/// (perf, BENCHMARKS.md); more shards cost a few kilobytes.
+/// per core, 8 on two cores; but the changelog's encoder reads a customer under its
+/// shard's lock while it encodes it (a few microseconds, tens of thousands of times a
+/// second, at a lower priority than the consume loop, so sometimes preempted while
+/// holding it), and a write of the loop to the same shard waits. With 8 shards, at 50,000
+/// events/s, the loop waited for a shard 419 times in 5 s (perf, BENCHMARKS.md).
 const SHARDS: usize = 256;
 
 /// Every customer's state (see the module documentation). Cloning shares the map.
@@ -224,6 +228,18 @@ pub struct CustomerStore {
     map: Arc<DashMap<Text, Stored, Hasher>>,
     /// The dictionaries packed customers are compressed with, as sweeps train them.
     dictionaries: Arc<Dictionaries>,
+    /// Called before every write (see [`WriteHook`]), once set.
+    write_hook: Arc<OnceLock<WriteHook>>,
+}
+
+/// How far [`CustomerStore::prefetch`] reaches into a customer's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// The state itself.
+    State,
+    /// The vectors the state points to (slots, segments, cart, context, traits,
+    /// categories).
+    Parts,
 }
 
 /// What a sweep did.
@@ -247,6 +263,7 @@ impl Default for CustomerStore {
                 SHARDS,
             )),
             dictionaries: Arc::default(),
+            write_hook: Arc::default(),
         }
     }
 }
@@ -267,6 +284,11 @@ impl CustomerStore {
         self.map.is_empty()
     }
 
+    /// Sets the hook called before every write (once; a second one is ignored).
+    pub fn set_write_hook(&self, hook: WriteHook) {
+        let _ = self.write_hook.set(hook);
+    }
+
     /// The customer's state for an event or a timer, decoded if idle.
     pub fn get_mut(&self, id: &str) -> Option<StateMut<'_>> {
         let dictionaries = &*self.dictionaries;
@@ -274,6 +296,9 @@ impl CustomerStore {
             .map
             .get_mut(id)?
             .map(|stored| stored.activate(dictionaries));
+        if let Some(hook) = self.write_hook.get() {
+            hook(id, &state);
+        }
         Some(state)
     }
 
@@ -323,6 +348,42 @@ impl CustomerStore {
             Stored::Active(active) => active.state,
             idle => idle.state(&self.dictionaries).into_owned(),
         })
+    }
+
+    /// Calls `each` with every one of `ids` in turn, having asked the CPU for the memory of
+    /// the customers a few places ahead ([`prefetch`](super::prefetch)): for a reader
+    /// going through many customers cold in the cache — a changelog checkpoint someone
+    /// waits for, whose customers changed up to a commit interval ago. Reading them waits
+    /// on memory most of the time: `restore/encode_100k_customers_from_the_store` in
+    /// `benches/engine.rs` takes about twice as long as its `_prefetched` twin.
+    pub fn with_prefetch<T: AsRef<str>>(&self, ids: &mut [T], mut each: impl FnMut(&mut T)) {
+        /// How many customers ahead the state is asked for; half as many, its vectors.
+        const AHEAD: usize = 8;
+        for i in 0..ids.len() {
+            if let Some(ahead) = ids.get(i + AHEAD) {
+                self.prefetch(ahead.as_ref(), Reach::State);
+            }
+            if let Some(near) = ids.get(i + AHEAD / 2) {
+                self.prefetch(near.as_ref(), Reach::Parts);
+            }
+            each(&mut ids[i]);
+        }
+    }
+
+    /// Starts loading a customer's memory into the CPU's cache without waiting for it.
+    /// `Reach::State` asks for the state; `Reach::Parts` for the vectors it points to,
+    /// found in the state — so ask for the state some customers earlier. Unknown and idle
+    /// customers are left alone.
+    fn prefetch(&self, id: &str, reach: Reach) {
+        let Some(stored) = self.map.get(id) else {
+            return;
+        };
+        if let Stored::Active(active) = &*stored {
+            match reach {
+                Reach::State => super::prefetch::value(&**active),
+                Reach::Parts => active.state.prefetch_parts(),
+            }
+        }
     }
 
     /// Calls `read` with the customer's state, if known (an idle one is decoded for the
@@ -507,6 +568,46 @@ mod tests {
         assert_eq!(*woken, state(2, 5));
         drop(woken);
         assert!(matches!(*store.map.get("a").unwrap(), Stored::Active(_)));
+    }
+
+    /// Every id is handed over once, in order — the first few, the last few within the
+    /// look-ahead, unknown ones — whatever memory is asked for meanwhile.
+    #[test]
+    fn with_prefetch_hands_over_every_id_in_order() {
+        let store = CustomerStore::new();
+        let mut ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+        for id in ids.iter().step_by(2) {
+            store.insert(id.as_str().into(), state(0, 1));
+        }
+        let expected = ids.clone();
+        let mut seen = Vec::new();
+        store.with_prefetch(&mut ids, |id| seen.push(std::mem::take(id)));
+        assert_eq!(seen, expected);
+        let mut none: Vec<String> = Vec::new();
+        store.with_prefetch(&mut none, |_| panic!("no id to hand over"));
+    }
+
+    /// Asking for a customer's memory ahead is a hint and nothing more: an idle customer
+    /// stays idle (not decoded), an active one unchanged and still unused for the next
+    /// sweep, an unknown one unknown.
+    #[test]
+    fn prefetching_changes_nothing() {
+        let store = CustomerStore::new();
+        store.insert("a".into(), state(2, 5));
+        store.insert("b".into(), state(3, 7));
+        store.compact_idle();
+        store.get_mut("b").unwrap().customer.events += 1;
+        store.compact_idle(); // a idle, b active
+        for reach in [Reach::State, Reach::Parts] {
+            for id in ["a", "b", "unknown"] {
+                store.prefetch(id, reach);
+            }
+        }
+        assert!(matches!(*store.map.get("a").unwrap(), Stored::Idle(_)));
+        assert_eq!(store.read("b", |s| s.customer.events), Some(8));
+        assert_eq!(store.len(), 2);
+        // b was not used since the last sweep: prefetching it did not count as a use.
+        assert_eq!(store.compact_idle().encoded, 1);
     }
 
     /// A customer written to while a sweep encodes its copy stays active, with the write:

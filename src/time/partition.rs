@@ -12,12 +12,11 @@
 //! `purchases` is one time line), as a customer's events on co-partitioned topics share
 //! a partition number.
 
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 
 use crate::emit::change::SegmentChange;
 use crate::engine::{Engine, Outcome, TimerUpdate};
 use crate::event::Event;
-use crate::state::changed::ChangedStates;
 use crate::time::Millis;
 use crate::time::wheel::TimerWheel;
 
@@ -100,10 +99,9 @@ pub struct PartitionTime<T = ()> {
     pub timers: TimerWheel,
     held: BinaryHeap<Held<T>>,
     arrivals: u64,
-    /// Customers whose state changed since [`Self::take_changed`] last ran, each encoded
-    /// after its last change, when asked to [record them](Self::record_changes): what the
-    /// next changelog checkpoint writes.
-    changed: Option<ChangedStates>,
+    /// Customers whose state changed since [`Self::take_changed`] last ran, when asked to
+    /// [record them](Self::record_changes): whom the next changelog checkpoint writes.
+    changed: Option<HashSet<Box<str>, foldhash::fast::RandomState>>,
 }
 
 /// An event waiting for the watermark, ordered by (time, arrival) — earliest first.
@@ -168,21 +166,18 @@ impl<T> PartitionTime<T> {
     }
 
     /// From now on, remembers which customers' state changes (events applied, timers
-    /// fired) and encodes each state after the change, for [`Self::take_changed`].
+    /// fired), for [`Self::take_changed`].
     pub fn record_changes(mut self) -> Self {
-        self.changed = Some(ChangedStates::new());
+        self.changed = Some(HashSet::default());
         self
     }
 
-    /// The customers whose state changed since the last call, each with its state's
-    /// encoding after its last change ([`encode_state_part`]); none unless
-    /// [recording](Self::record_changes).
-    ///
-    /// [`encode_state_part`]: crate::state::codec::encode_state_part
-    pub fn take_changed(&mut self) -> Vec<(Box<str>, Box<[u8]>)> {
+    /// The customers whose state changed since the last call (none unless
+    /// [recording](Self::record_changes)).
+    pub fn take_changed(&mut self) -> Vec<Box<str>> {
         self.changed
             .as_mut()
-            .map(ChangedStates::take)
+            .map(|changed| changed.drain().collect())
             .unwrap_or_default()
     }
 
@@ -291,7 +286,7 @@ impl<T> PartitionTime<T> {
                 &mut self.timers,
                 self.watermark.current(),
                 out,
-                |customer| note_change(changed, engine, customer),
+                |customer| note_change(changed, customer),
             )
     }
 
@@ -313,7 +308,7 @@ impl<T> PartitionTime<T> {
             ..
         } = outcome
         {
-            note_change(&mut self.changed, engine, &event.customer_id);
+            note_change(&mut self.changed, &event.customer_id);
             fired = u64::from(timers_fired);
             if let TimerUpdate::Set(deadline) = timer {
                 self.timers.schedule(&event.customer_id, deadline);
@@ -328,11 +323,15 @@ impl<T> PartitionTime<T> {
     }
 }
 
-/// Remembers that `customer`'s state in `engine` changed, and how it is now, if changes
-/// are recorded.
-fn note_change(changed: &mut Option<ChangedStates>, engine: &Engine, customer: &str) {
-    if let Some(changed) = changed {
-        changed.note(engine.store(), customer);
+/// Remembers that `customer`'s state changed, if changes are recorded.
+fn note_change(
+    changed: &mut Option<HashSet<Box<str>, foldhash::fast::RandomState>>,
+    customer: &str,
+) {
+    if let Some(changed) = changed
+        && !changed.contains(customer)
+    {
+        changed.insert(customer.into());
     }
 }
 
@@ -376,39 +375,5 @@ mod tests {
             95 * SECOND,
             "replay ignores the wall clock"
         );
-    }
-
-    /// The changes recorded for a checkpoint hold each customer's state after what
-    /// changed it: after its event, and after its timer fired.
-    #[test]
-    fn recorded_changes_hold_the_state_after_the_event_or_the_timer() {
-        use crate::rules::{RuleSet, SegmentDef};
-        use crate::state::codec::Summary;
-        let rules = RuleSet::compile(&[SegmentDef::new("recent", "count(page_view, 1m) >= 1")])
-            .expect("rules compile");
-        let engine = Engine::new(std::sync::Arc::new(rules), crate::state::new_store(), 0);
-        let mut time: PartitionTime = PartitionTime::new(LIVE, 0).record_changes();
-        let summaries = |time: &mut PartitionTime| -> Vec<(Box<str>, Summary)> {
-            time.take_changed()
-                .into_iter()
-                .map(|(id, bytes)| (id, postcard::take_from_bytes(&bytes).unwrap().0))
-                .collect()
-        };
-        let json = br#"{"event_id":"e1","type":"page_view","customer_id":"c","ts":1000}"#;
-        let event = crate::event::parse_event(json, 4096).unwrap();
-        let (mut out, mut released) = (Vec::new(), Vec::new());
-        time.take(&engine, event, (), 0, &mut out, &mut released);
-        let after_event = summaries(&mut time);
-        assert_eq!(after_event.len(), 1);
-        let (id, summary) = &after_event[0];
-        assert_eq!((&**id, &summary.segments[..]), ("c", &[0][..]));
-        assert!(summary.timer.is_some(), "the deadline of leaving");
-        assert!(summaries(&mut time).is_empty(), "taken once");
-
-        let fired = time.finish(&engine, 120 * SECOND, &mut out, &mut released);
-        assert_eq!(fired, 1);
-        let after_timer = summaries(&mut time);
-        assert_eq!(after_timer.len(), 1);
-        assert_eq!(after_timer[0].1, Summary::default(), "left, no timer");
     }
 }
