@@ -186,10 +186,7 @@ fn encode_idle(state: &CustomerState) -> Box<[u8]> {
     // then keeps the exact length.
     let bytes = Vec::with_capacity(super::codec::ENCODED_CAPACITY);
     let bytes = Header::write(state.partition, 0, bytes);
-    // Plain structs, vectors, strings and numbers: serializing them cannot fail.
-    postcard::to_extend(state, bytes)
-        .expect("state types always serialize")
-        .into_boxed_slice()
+    super::codec::append(state, bytes).into_boxed_slice()
 }
 
 /// Decodes a state of input partition `partition`. Bytes that do not decode — only a
