@@ -57,6 +57,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak, mpsc};
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -85,6 +86,15 @@ const ENCODER_LAG: usize = 2;
 /// kept off the CPU).
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(1);
 
+/// Shards of the frozen list ([`Changelog`]'s `frozen`). The loop's write hook and the
+/// encoder thread both take entries out of it, and the encoder runs at a lower priority,
+/// so it is sometimes preempted while it holds a lock the loop then waits for: with the
+/// list in shards, only when both are at the same one. (The waits measured were for the
+/// checkpoints' log, which the encoder held while encoding — 218–267 times in 5 s at
+/// 50,000 events/s, BENCHMARKS.md; it no longer does. With that fixed, 8 of the loop's
+/// switches in 5 s were at a shard of this list.)
+const FROZEN_SHARDS: usize = 64;
+
 /// The pseudo topic under which idle partitions' timer changes are tracked: they answer
 /// to no input message, but a checkpoint must wait for them too.
 pub const TIMER_TOPIC: &str = "(timer)";
@@ -103,13 +113,27 @@ struct SnapshotRef<'a> {
     state: &'a CustomerState,
 }
 
+/// A checkpoint's positions as its state records hold them.
+type Named = Arc<[(Box<str>, i64)]>;
+
+/// A customer frozen for a checkpoint and not yet encoded.
+struct Frozen {
+    /// The partition number.
+    number: i32,
+    /// The checkpoint's id.
+    checkpoint: u64,
+    /// The checkpoint's [`Checkpoint::named`] positions.
+    named: Named,
+}
+
 /// One partition's checkpoint.
 struct Checkpoint {
     id: u64,
     /// Input partitions (and the timer pseudo partition) with the last message included.
     positions: Vec<(PartitionKey, i64)>,
-    /// The positions as states record them (named topics, no timer pseudo topic).
-    named: Vec<(Box<str>, i64)>,
+    /// The positions as states record them (named topics, no timer pseudo topic); shared
+    /// with its frozen customers' entries, so they are encoded without the log's lock.
+    named: Named,
     /// Records to write, `(key, value)`; taken when sent.
     records: Vec<(Box<str>, Vec<u8>)>,
     /// Customers frozen for it and not yet encoded: it is not sent before they are.
@@ -150,10 +174,13 @@ pub struct Changelog {
     settled: Condvar,
     next_id: std::sync::atomic::AtomicU64,
     /// Customers a checkpoint has frozen and not yet encoded: `(partition number,
-    /// checkpoint id)` by customer id.
-    frozen: Mutex<HashMap<Box<str>, (i32, u64), foldhash::fast::RandomState>>,
-    /// How many are frozen (the write hook's test, without the lock or the changelog
-    /// itself: shared with the hook); set under the lock, after each change.
+    /// checkpoint id)` by customer id. In [`FROZEN_SHARDS`] shards, each behind a lock of
+    /// its own: the loop's write hook takes one on every write while any customer is
+    /// frozen, and so waits for the encoder thread only when both are at the same shard.
+    frozen: DashMap<Box<str>, Frozen, foldhash::fast::RandomState>,
+    /// How many are frozen (the write hook's test, without a lock or the changelog itself:
+    /// shared with the hook). Raised before customers are frozen and lowered after they
+    /// are taken, so it is never below the true count.
     frozen_count: Arc<AtomicUsize>,
     /// The engine whose customers it encodes.
     engine: Engine,
@@ -183,7 +210,7 @@ impl Changelog {
             logs: Mutex::default(),
             settled: Condvar::new(),
             next_id: std::sync::atomic::AtomicU64::new(1),
-            frozen: Mutex::default(),
+            frozen: DashMap::with_hasher_and_shard_amount(Default::default(), FROZEN_SHARDS),
             frozen_count: Arc::default(),
             engine: engine.clone(),
             encoder: start_encoder(changelog.clone()),
@@ -360,7 +387,7 @@ impl Changelog {
             } else {
                 self.lock().entry(number).or_default().last_positions = positions.clone();
             }
-            let named: Vec<(Box<str>, i64)> = positions
+            let named: Named = positions
                 .iter()
                 .filter(|(key, _)| *key.0 != *TIMER_TOPIC)
                 .map(|(key, offset)| ((*key.0).into(), *offset))
@@ -371,7 +398,7 @@ impl Changelog {
             let mut checkpoint = Checkpoint {
                 id,
                 positions,
-                named,
+                named: named.clone(),
                 records: Vec::new(),
                 unencoded: 0,
                 sent: false,
@@ -408,11 +435,19 @@ impl Changelog {
             // In the log before its customers are frozen, so a copy always finds it.
             checkpoint.unencoded = changed.len();
             self.push(number, checkpoint);
-            let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+            self.frozen_count
+                .fetch_add(changed.len(), Ordering::Relaxed);
             for customer in changed {
-                frozen.insert(customer, (number, id));
+                let frozen = Frozen {
+                    number,
+                    checkpoint: id,
+                    named: named.clone(),
+                };
+                if self.frozen.insert(customer, frozen).is_some() {
+                    // Frozen already (it cannot be: a write unfreezes a customer first).
+                    self.frozen_count.fetch_sub(1, Ordering::Relaxed);
+                }
             }
-            self.frozen_count.store(frozen.len(), Ordering::Relaxed);
             froze = true;
         }
         drop(partitions);
@@ -444,17 +479,16 @@ impl Changelog {
 
     /// If `customer` is still frozen: no longer, and its checkpoint gets a record of
     /// `state` (`None`: it left the store, nothing to write). Called with the customer's
-    /// lock held, before the frozen list's.
+    /// lock held, before the frozen list's. The state is encoded before the log's lock
+    /// is taken: the encoder thread, preempted while encoding under it, kept the loop's
+    /// write hook waiting (BENCHMARKS.md).
     fn unfreeze(&self, customer: &str, state: Option<&CustomerState>) {
-        let taken = {
-            let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
-            let taken = frozen.remove_entry(customer);
-            self.frozen_count.store(frozen.len(), Ordering::Relaxed);
-            taken
-        };
-        let Some((customer, (number, id))) = taken else {
+        let Some((customer, frozen)) = self.frozen.remove(customer) else {
             return;
         };
+        self.frozen_count.fetch_sub(1, Ordering::Relaxed);
+        let value = state.map(|state| self.encode_state(&frozen.named, state));
+        let (number, id) = (frozen.number, frozen.checkpoint);
         let mut logs = self.lock();
         let Some(checkpoint) = logs
             .get_mut(&number)
@@ -464,8 +498,7 @@ impl Changelog {
             return;
         };
         checkpoint.unencoded = checkpoint.unencoded.saturating_sub(1);
-        if let Some(state) = state {
-            let value = self.encode_state(&checkpoint.named, state);
+        if let Some(value) = value {
             checkpoint.records.push((customer, value));
         }
         if checkpoint.unencoded == 0 {
@@ -525,12 +558,10 @@ impl Changelog {
     /// checkpoint id (copied out, so the list is not locked while they are encoded).
     fn frozen_ids(&self, which: impl Fn(i32, u64) -> bool, limit: usize) -> Vec<Box<str>> {
         self.frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, (number, checkpoint))| which(*number, *checkpoint))
+            .filter(|entry| which(entry.number, entry.checkpoint))
             .take(limit)
-            .map(|(customer, _)| customer.clone())
+            .map(|entry| entry.key().clone())
             .collect()
     }
 
@@ -650,10 +681,13 @@ impl Changelog {
     /// Forgets the partitions `which` selects (revoked): their unsent checkpoints are
     /// dropped, and a later owner writes its own dictionary.
     pub fn forget(&self, which: impl Fn(i32) -> bool) {
-        let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
-        frozen.retain(|_, (number, _)| !which(*number));
-        self.frozen_count.store(frozen.len(), Ordering::Relaxed);
-        drop(frozen);
+        self.frozen.retain(|_, frozen| {
+            let keep = !which(frozen.number);
+            if !keep {
+                self.frozen_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            keep
+        });
         self.lock().retain(|&number, _| !which(number));
         self.settled.notify_all();
     }
@@ -916,6 +950,34 @@ mod tests {
         let recorded = recorded_events(&changelog);
         let recorded: Vec<usize> = recorded.iter().map(HashMap::len).collect();
         assert_eq!(recorded, sizes, "every checkpoint whole");
+    }
+
+    /// The count the write hook reads follows the frozen list exactly, while the encoder
+    /// thread takes customers from it: back to zero once a revocation forgets them, and
+    /// once a checkpoint is encoded.
+    #[test]
+    fn the_count_of_frozen_customers_follows_the_list() {
+        let (engine, changelog) = seen_engine();
+        let partitions: Partitions = Arc::default();
+        let tracker = OffsetTracker::new();
+        let frozen = |changelog: &Changelog| {
+            (
+                changelog.frozen.len(),
+                changelog.frozen_count.load(Ordering::Relaxed),
+            )
+        };
+        for (round, size) in [(1, 20_000), (2, 2_000)] {
+            let customers: Vec<String> = (0..size).map(|i| format!("c-{round}-{i}")).collect();
+            let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
+            page_views(&engine, &partitions, &customers, round * 1_000);
+            changelog.checkpoint(&[0], &partitions, &tracker, true);
+            if round == 1 {
+                changelog.forget(|_| true);
+            } else {
+                changelog.encode_frozen(|_, _| true);
+            }
+            assert_eq!(frozen(&changelog), (0, 0), "round {round}");
+        }
     }
 
     /// Deferred checkpoints' records hold each customer as it was at its checkpoint,
