@@ -173,10 +173,9 @@ pub struct Changelog {
     logs: Mutex<HashMap<i32, PartitionLog>>,
     settled: Condvar,
     next_id: std::sync::atomic::AtomicU64,
-    /// Customers a checkpoint has frozen and not yet encoded: `(partition number,
-    /// checkpoint id)` by customer id. In [`FROZEN_SHARDS`] shards, each behind a lock of
-    /// its own: the loop's write hook takes one on every write while any customer is
-    /// frozen, and so waits for the encoder thread only when both are at the same shard.
+    /// Customers a checkpoint has frozen and not yet encoded, by customer id; in
+    /// [`FROZEN_SHARDS`] shards (the write hook takes one on every write while any
+    /// customer is frozen).
     frozen: DashMap<Box<str>, Frozen, foldhash::fast::RandomState>,
     /// How many are frozen (the write hook's test, without a lock or the changelog itself:
     /// shared with the hook). Raised before customers are frozen and lowered after they
