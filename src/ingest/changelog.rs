@@ -122,7 +122,8 @@ struct Frozen {
     number: i32,
     /// The checkpoint's id.
     checkpoint: u64,
-    /// The checkpoint's [`Checkpoint::named`] positions.
+    /// The checkpoint's positions as its state records hold them (named topics, no timer
+    /// pseudo topic): the customer is encoded with them, without the log's lock.
     named: Named,
 }
 
@@ -131,9 +132,6 @@ struct Checkpoint {
     id: u64,
     /// Input partitions (and the timer pseudo partition) with the last message included.
     positions: Vec<(PartitionKey, i64)>,
-    /// The positions as states record them (named topics, no timer pseudo topic); shared
-    /// with its frozen customers' entries, so they are encoded without the log's lock.
-    named: Named,
     /// Records to write, `(key, value)`; taken when sent.
     records: Vec<(Box<str>, Vec<u8>)>,
     /// Customers frozen for it and not yet encoded: it is not sent before they are.
@@ -397,7 +395,6 @@ impl Changelog {
             let mut checkpoint = Checkpoint {
                 id,
                 positions,
-                named: named.clone(),
                 records: Vec::new(),
                 unencoded: 0,
                 sent: false,
@@ -409,9 +406,7 @@ impl Changelog {
                 let mut records = Vec::with_capacity(changed.len());
                 let store = self.engine.store();
                 store.with_prefetch(&mut changed, |customer| {
-                    let value = store.read(customer, |state| {
-                        self.encode_state(&checkpoint.named, state)
-                    });
+                    let value = store.read(customer, |state| self.encode_state(&named, state));
                     if let Some(value) = value {
                         records.push((std::mem::take(customer), value));
                     }
